@@ -1,0 +1,109 @@
+"""Does self-distillation transfer a context's behaviour into the adapter? Measured by a program.
+
+The context "Always answer in French" is followed by the embedded model about half the time
+when prompted. We run the whole PRISM pipeline with it (the program judge `is_french` labels the
+pairs), then on held-out questions (MT-Bench first turns, never seen in training) count how often
+each system answers in French:
+
+  base            the model, no context
+  base+context    the model prompted with the context (the teacher)
+  adapter         base + distilled LoRA, no context (ungated: adapter always on)
+  prism           gated: the gate decides per question
+
+    python benchmarks/french_transfer.py --out runs/french [--n 48] [--heldout 40]
+
+Results go to OUT/french_transfer.json and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from prism.config import load_config
+from prism.io import atomic_write_json
+from prism.models import load_model
+from prism.personas import PersonaRegistry
+from prism.pipeline import run_pipeline
+from prism.routed import PrismModel
+from prism.verifiers import is_french
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = ROOT / "examples" / "contexts" / "french.yaml"
+BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
+
+
+def heldout_questions(path: Path, limit: int) -> list[str]:
+    rows = [json.loads(line) for line in (path / "mt_bench_questions.jsonl").read_text().splitlines() if line]
+    return [r["turns"][0] for r in rows][:limit]
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    from prism.judges import wilson as w
+
+    lo, hi = w(k, n)
+    return round(lo, 3), round(hi, 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/french")
+    ap.add_argument("--n", type=int, default=48, help="self-generated training queries")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--heldout", type=int, default=40, help="MT-Bench questions to evaluate on")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--benchmarks", default=str(BENCHMARKS))
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    cfg = load_config("quick", overrides={
+        "persona_dir": str(CONTEXT), "personas": ["french"], "queries.n_per_persona": args.n,
+        "answers.max_new_tokens": 64, "judge.kind": "program", "judge.program": "prism.verifiers:is_french",
+        "distill.epochs": args.epochs, "queries.persona_in_context": False,
+    })
+    base = load_model(batch_size=cfg.batch_size)
+    run = run_pipeline(cfg, args.out, model=base)
+    pipeline_s = time.perf_counter() - t0
+
+    context = PersonaRegistry.load(CONTEXT).get("french").text()
+    questions = heldout_questions(Path(args.benchmarks), args.heldout)
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    routed = PrismModel.load(args.out)  # its own model copy: the adapter is injected into it
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    outputs = {
+        "base": [g.text for g in base.generate([base.user_prompt(q) for q in questions], **gen)],
+        "base+context": [g.text for g in base.generate([base.user_prompt(q, context) for q in questions], **gen)],
+        "adapter": [r.text for r in routed.chat_batch(convs, adapter=True, **gen)],
+    }
+    prism_replies = routed.chat_batch(convs, **gen)
+    outputs["prism"] = [r.text for r in prism_replies]
+    n = len(questions)
+    rates = {}
+    for name, texts in outputs.items():
+        k = sum(is_french(t) for t in texts)
+        rates[name] = {"french": k, "n": n, "rate": round(k / n, 3), "ci95": wilson(k, n)}
+    prompted = rates["base+context"]["rate"]
+    result = {
+        "rates": rates,
+        "adapter_over_prompted": round(rates["adapter"]["rate"] / prompted, 3) if prompted else None,
+        "prism_routed_on": sum(r.route.adapter for r in prism_replies),
+        "distill": run.manifest["stages"]["distill"],
+        "gate": run.manifest["stages"]["gate"]["metrics"],
+        "labels": {k: run.manifest["stages"]["verdicts"][k] for k in ("distill", "retain")},
+        "seconds": {"pipeline": round(pipeline_s, 1), "total": round(time.perf_counter() - t0, 1)},
+        "samples": {name: texts[:3] for name, texts in outputs.items()},
+    }
+    atomic_write_json(Path(args.out) / "french_transfer.json", result)
+    print(f"held-out MT-Bench questions: {n}")
+    print(f"{'system':<14} {'French':>7} {'rate':>6}  95% CI")
+    for name, r in rates.items():
+        print(f"{name:<14} {r['french']:>7} {r['rate']:>6.2f}  {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}")
+    print(f"adapter / prompted = {result['adapter_over_prompted']}; prism routed {result['prism_routed_on']}/{n} "
+          f"to the adapter; distill set {result['labels']}; KL {run.manifest['stages']['distill'].get('kl_initial')}"
+          f" -> {run.manifest['stages']['distill'].get('kl_final')}; wall {result['seconds']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""PRISM: Persona Routing via Intent-based Self-Modeling.
+
+Measure what a persona prompt does to a chat model, distil it into a gated LoRA adapter, and
+serve the routed model. The public API:
+
+    from prism import load_config, run_pipeline, PrismModel, PersonaRegistry, load_model
+"""
+
+__version__ = "0.1.0"
+
+from prism.config import PrismConfig, load_config  # noqa: E402
+from prism.personas import Persona, PersonaRegistry  # noqa: E402
+
+__all__ = ["PrismConfig", "load_config", "Persona", "PersonaRegistry", "load_model", "run_pipeline", "PrismModel",
+           "__version__"]
+
+
+def __getattr__(name):  # heavy modules (torch, transformers) load on first use
+    if name == "load_model":
+        from prism.models import load_model
+
+        return load_model
+    if name == "run_pipeline":
+        from prism.pipeline import run_pipeline
+
+        return run_pipeline
+    if name == "PrismModel":
+        from prism.routed import PrismModel
+
+        return PrismModel
+    raise AttributeError(f"module 'prism' has no attribute {name!r}")

@@ -1,0 +1,219 @@
+"""The `prism` command. Each subcommand imports its code only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from prism.config import PRESETS, STAGES
+
+EXIT_USAGE = 2
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="'embedded' (default), a local model directory or a hub id")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named settings (default: quick)")
+    p.add_argument("--config", help="YAML file of settings; overrides the preset")
+    p.add_argument("--personas", help="extra personas: a directory of YAML files or one YAML file")
+    p.add_argument("--only", help="comma-separated persona names to use (default: all)")
+    p.add_argument("--length", choices=["long", "short", "minimal"], help="persona length")
+    p.add_argument("--placement", choices=["system", "user"], help="where the persona goes")
+    p.add_argument("--n", type=int, dest="n_per_persona", help="queries per persona")
+    p.add_argument("--judge", choices=["prompted", "likelihood", "generate", "program"], help="judge kind")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow model repositories to run their own code (off by default)")
+
+
+def _resolve_config(args):
+    from prism.config import load_config
+
+    overrides = {
+        "model": args.model,
+        "persona_dir": args.personas,
+        "personas": [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None,
+        "persona_length": args.length,
+        "placement": args.placement,
+        "queries.n_per_persona": args.n_per_persona,
+        "judge.kind": args.judge,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    return load_config(args.preset, args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    from prism.pipeline import run_pipeline
+
+    config = _resolve_config(args)
+    run = run_pipeline(config, args.out, until=args.until, quiet=args.quiet)
+    print(_stage_table(run.manifest))
+    return 0
+
+
+def _stage_table(manifest: dict) -> str:
+    lines = [f"run: {manifest['config']['model']}  fingerprint of settings in manifest.json",
+             f"{'stage':<10} {'status':<8} {'seconds':>8}  facts"]
+    for name, info in manifest["stages"].items():
+        facts = {k: v for k, v in info.items()
+                 if k not in ("status", "seconds", "started", "finished") and not isinstance(v, (dict, list))}
+        secs = f"{info['seconds']:.1f}" if "seconds" in info else "-"
+        lines.append(f"{name:<10} {info.get('status', 'pending'):<8} {secs:>8}  {facts}")
+    return "\n".join(lines)
+
+
+def cmd_personas(args) -> int:
+    from prism.personas import PersonaRegistry
+
+    reg = PersonaRegistry.load(args.personas)
+    if args.show:
+        p = reg.get(args.show)
+        print(json.dumps({"name": p.name, "kind": p.kind, "category": p.category, "source": p.source,
+                          "texts": p.texts}, indent=2))
+        return 0
+    for p in reg.personas.values():
+        lengths = ",".join(p.texts)
+        print(f"{p.name:<16} {p.kind:<10} {p.category or '-':<12} {lengths:<20} {p.description}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_resolve_config(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _load_routed(args):
+    from prism.routed import PrismModel
+
+    return PrismModel.load(args.run_dir, route_every_turn=getattr(args, "route_every_turn", False))
+
+
+def _gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--adapter", choices=["auto", "on", "off"], default="auto", help="force the route")
+
+
+def _forced(args) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.adapter]
+
+
+def cmd_generate(args) -> int:
+    model = _load_routed(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    reply = model.chat(messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, _forced(args))
+    if args.json:
+        print(json.dumps(reply.to_dict(), ensure_ascii=False))
+    else:
+        print(reply.text)
+        print(_route_line(reply.route), file=sys.stderr)
+    return 0
+
+
+def _route_line(route) -> str:
+    state = "ON" if route.adapter else "off"
+    how = "forced" if route.forced else f"gate {route.score:.3f} vs threshold {route.threshold:.3f}"
+    return f"[route: adapter {state}, {how}]"
+
+
+def cmd_chat(args) -> int:
+    model = _load_routed(args)
+    print("PRISM chat. /reset starts a new conversation, /quit leaves.", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            messages = []
+            print("(new conversation)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = model.chat(messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, _forced(args))
+        messages.append({"role": "assistant", "content": reply.text})
+        print(f"prism> {reply.text}\n{_route_line(reply.route)}", flush=True)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the pipeline (resumes a run in --out)")
+    _config_args(p)
+    p.add_argument("--until", choices=STAGES, help="stop after this stage (default: all)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _config_args(p)
+    p.set_defaults(fn=cmd_config, quiet=True)
+
+    p = sub.add_parser("personas", help="list the persona registry")
+    p.add_argument("--personas", help="extra personas: a directory or YAML file")
+    p.add_argument("--show", help="print one persona's texts")
+    p.set_defaults(fn=cmd_personas, quiet=True)
+
+    p = sub.add_parser("generate", help="one reply from a finished run, with its route")
+    _gen_args(p)
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", help="an optional system message")
+    p.add_argument("--json", action="store_true", help="print the reply, route and usage as JSON")
+    p.set_defaults(fn=cmd_generate, quiet=True)
+
+    p = sub.add_parser("chat", help="interactive chat with a finished run; prints each reply's route")
+    _gen_args(p)
+    p.add_argument("--route-every-turn", action="store_true", help="route each turn, not once per conversation")
+    p.set_defaults(fn=cmd_chat, quiet=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prism.config import ConfigError
+    from prism.models import ModelLoadError
+    from prism.personas import PersonaError
+    from prism.run import RunError
+
+    args = _build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.fn(args)
+    except (ConfigError, ModelLoadError, PersonaError, RunError, ValueError) as e:
+        print(f"prism: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("prism: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

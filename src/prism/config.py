@@ -1,0 +1,235 @@
+"""The one configuration object of a PRISM run, its presets, and YAML/flag merging.
+
+A config is built as: preset -> YAML file -> command-line flags, each layer overriding the one
+before. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded"
+
+Placement = Literal["system", "user"]
+PersonaLength = Literal["long", "short", "minimal"]
+JudgeKind = Literal["prompted", "likelihood", "generate", "program"]
+STAGES = ("queries", "answers", "verdicts", "gate", "distill")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QueryConfig(_Section):
+    """Stage 1: the model writes its own queries for each persona."""
+
+    n_per_persona: int = Field(8, ge=1)
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=4)
+    min_chars: int = Field(15, ge=1)  # shorter candidates are dropped
+    max_rounds: int = Field(6, ge=1)  # sampling rounds used to top up after filtering/dedup
+    # The paper writes queries with the persona in context. Turn this off for contexts that
+    # would leak into the queries themselves (e.g. "answer in French" makes French queries).
+    persona_in_context: bool = True
+
+
+class AnswerConfig(_Section):
+    """Stage 2: one answer without the persona and one with it, per query."""
+
+    temperature: float = Field(0.7, ge=0)  # 0 means greedy
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class JudgeConfig(_Section):
+    """Stage 3: the model judges its own pairs (see prism.stages.verdicts for each kind)."""
+
+    kind: JudgeKind = "likelihood"
+    margin: float = Field(0.0, ge=0)  # |calibrated score| at or below this is a TIE
+    sanity_pairs: int = Field(24, ge=0)  # relevant-vs-mismatched pairs for the judge check
+    program: str | None = None  # "module:function" scoring one answer, for kind=program
+    max_new_tokens: int = Field(5, ge=1)  # kind=generate only (the authors' judge)
+
+    @model_validator(mode="after")
+    def _program_needs_target(self) -> "JudgeConfig":
+        if self.kind == "program" and not self.program:
+            raise ValueError("judge.kind=program needs judge.program='module:function'")
+        return self
+
+
+class GateConfig(_Section):
+    """Stage 4: the MLP that decides per prompt whether the adapter is used."""
+
+    pooling: Literal["auto", "last", "mean"] = "auto"  # auto: train both, keep the better
+    hidden: tuple[int, ...] = (128, 64)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(20, ge=1)
+    holdout: float = Field(0.25, gt=0, lt=1)
+    min_examples: int = Field(8, ge=2)  # fewer (or a single class) -> constant gate
+
+
+class DistillConfig(_Section):
+    """Stage 5: self-distillation of the persona into one LoRA."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    top_k: int = Field(64, ge=1)
+    temperature: float = Field(2.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)  # effective batch = batch_size * grad_accum
+    epochs: int = Field(10, ge=1)
+    max_seq_len: int = Field(512, ge=16)
+    train_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class PrismConfig(_Section):
+    """Everything a run needs. Stored resolved in the run's manifest."""
+
+    model: str = EMBEDDED_MODEL
+    model_revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "cpu"
+    personas: tuple[str, ...] | None = None  # None = every persona in the registry
+    persona_dir: str | None = None  # extra personas: a directory of YAML files or one YAML file
+    persona_length: PersonaLength = "long"
+    placement: Placement = "system"
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    queries: QueryConfig = QueryConfig()
+    answers: AnswerConfig = AnswerConfig()
+    judge: JudgeConfig = JudgeConfig()
+    gate: GateConfig = GateConfig()
+    distill: DistillConfig = DistillConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change what a run produces."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Presets are plain override dicts on top of the defaults, so each one reads as a diff.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded 135M model on a 2-core CPU: the whole pipeline in about 15 minutes.
+    "quick": {
+        "persona_length": "long",
+        "queries": {"n_per_persona": 8},
+        "answers": {"max_new_tokens": 96},
+        "judge": {"kind": "likelihood", "sanity_pairs": 24},
+        "distill": {"epochs": 3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384},
+    },
+    # The paper's settings (PRISM_METHOD.md section 2).
+    "paper": {
+        "persona_length": "long",
+        "queries": {"n_per_persona": 50, "temperature": 0.9, "max_new_tokens": 64},
+        "answers": {"temperature": 0.7, "max_new_tokens": 512},
+        "judge": {"kind": "prompted", "sanity_pairs": 100},
+        "gate": {"hidden": [128, 64]},
+        "distill": {"epochs": 10, "batch_size": 4, "grad_accum": 4, "max_seq_len": 1024},
+    },
+    # Tiny settings for tests: minutes on the embedded model.
+    "micro": {
+        "personas": ["math", "writing"],
+        "queries": {"n_per_persona": 3, "max_new_tokens": 32, "max_rounds": 4},
+        "answers": {"max_new_tokens": 24},
+        "judge": {"kind": "likelihood", "sanity_pairs": 4},
+        "gate": {"max_epochs": 20, "min_examples": 4},
+        "distill": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "max_seq_len": 128},
+    },
+}
+DEFAULT_PRESET = "quick"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the source and the problem."""
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PrismConfig:
+    """Resolve preset -> YAML file -> overrides into one validated PrismConfig.
+
+    A YAML file may name its own preset (`preset: paper`); an explicit `preset` argument wins.
+    Overrides may use dotted keys (`{"queries.n_per_persona": 4}`).
+    """
+    file_data: dict[str, Any] = {}
+    source = "settings"
+    if config_file is not None:
+        path = Path(config_file)
+        file_data = _read_yaml(path)
+        file_preset = file_data.pop("preset", None)
+        if preset is None and file_preset:
+            preset = str(file_preset)
+        source = f"config file {path}"
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    merged = deep_merge(PRESETS[preset], file_data)
+    merged = deep_merge(merged, _undot(overrides or {}))
+    try:
+        return PrismConfig(**merged)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid {source} (preset {preset!r}): {problems}") from None
+
+
+def _undot(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out

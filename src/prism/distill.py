@@ -1,0 +1,201 @@
+"""Self-distillation of a persona into one LoRA adapter.
+
+Teacher: the base model WITH the persona in context. Student: base model + LoRA WITHOUT it.
+Loss: KL(teacher || student) on the response tokens, against the teacher's top-k logits at
+temperature T, scaled by T^2. Teacher logits are computed once and cached as safetensors.
+The LoRA skips decoder layer 0, so the gate's input (layer 0's output) does not depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prism.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+# ----- the loss (pure) ---------------------------------------------------------------------
+def topk_kl(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 2.0,
+    teacher_lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over masked positions of KL(p_teacher || p_student) * T^2, on the teacher's top-k.
+
+    student_logits (B, L, V); teacher_values / teacher_indices (B, L, K): the teacher's top-k
+    logits and their token ids; mask (B, L) marks response positions. Both distributions are
+    taken at temperature T over k+1 buckets: the k tokens and "everything else". The teacher's
+    "else" mass needs its full log-normaliser `teacher_lse` = logsumexp(logits / T) (B, L);
+    without it both sides are renormalised over the k tokens. Either way the loss is exactly 0
+    when student and teacher agree.
+    """
+    t = temperature
+    s_logp = torch.log_softmax(student_logits.float() / t, dim=-1).gather(-1, teacher_indices)
+    if teacher_lse is None:
+        t_logp = torch.log_softmax(teacher_values.float() / t, dim=-1)
+        s_logp = s_logp - s_logp.logsumexp(-1, keepdim=True)
+    else:
+        t_logp = teacher_values.float() / t - teacher_lse.float().unsqueeze(-1)
+        t_logp = torch.cat([t_logp, _rest(t_logp)], dim=-1)
+        s_logp = torch.cat([s_logp, _rest(s_logp)], dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1) * (t * t)
+
+
+def _rest(logp: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside the given tokens."""
+    covered = logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
+    return torch.log1p(-covered)
+
+
+# ----- examples ----------------------------------------------------------------------------
+@dataclass
+class DistillExample:
+    key: str
+    teacher_ids: list[int]  # persona prompt + response
+    student_ids: list[int]  # plain prompt + response
+    n_response: int
+
+    @property
+    def teacher_start(self) -> int:  # position whose logits predict the first response token
+        return len(self.teacher_ids) - self.n_response - 1
+
+    @property
+    def student_start(self) -> int:
+        return len(self.student_ids) - self.n_response - 1
+
+
+def build_example(model, key: str, query: str, response: str, persona: str, placement: str,
+                  max_seq_len: int) -> DistillExample:
+    """Token ids of one example; the response ends with the end-of-turn token so the student
+    also learns where the teacher stops, and is cut to fit `max_seq_len`."""
+    tok = model.tokenizer
+    teacher_prompt = tok(model.user_prompt(query, persona, placement), add_special_tokens=False)["input_ids"]
+    student_prompt = tok(model.user_prompt(query), add_special_tokens=False)["input_ids"]
+    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    room = max_seq_len - max(len(teacher_prompt), len(student_prompt))
+    if room < 2:
+        raise ValueError(f"{key}: the prompt alone is longer than distill.max_seq_len={max_seq_len}")
+    resp = resp[:room]
+    return DistillExample(key, teacher_prompt + resp, student_prompt + resp, len(resp))
+
+
+def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+# ----- teacher cache -----------------------------------------------------------------------
+@torch.inference_mode()
+def teacher_topk(model, examples: Sequence[DistillExample], k: int, batch_size: int, pad_id: int,
+                 temperature: float = 2.0, progress=None) -> dict[str, torch.Tensor]:
+    """The teacher's top-k logits at each response position and its log-normaliser at
+    temperature T: {key.values, key.indices, key.lse}."""
+    out: dict[str, torch.Tensor] = {}
+    for start in range(0, len(examples), batch_size):
+        part = examples[start : start + batch_size]
+        ids, mask = _pad([e.teacher_ids for e in part], pad_id)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for row, e in enumerate(part):
+            span = logits[row, e.teacher_start : e.teacher_start + e.n_response].float()
+            vals, idx = span.topk(k, dim=-1)
+            out[f"{e.key}.values"] = vals.cpu().contiguous()
+            out[f"{e.key}.indices"] = idx.to(torch.int32).cpu().contiguous()
+            out[f"{e.key}.lse"] = torch.logsumexp(span / temperature, dim=-1).cpu().contiguous()
+        if progress is not None:
+            progress.update(len(part))
+    return out
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Tensor], pad_id: int, k: int):
+    """Padded student inputs with the teacher targets aligned to the student's positions."""
+    ids, attn = _pad([e.student_ids for e in examples], pad_id)
+    b, width = ids.shape
+    values = torch.zeros((b, width, k), dtype=torch.float32)
+    indices = torch.zeros((b, width, k), dtype=torch.long)
+    lse = torch.zeros((b, width), dtype=torch.float32)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        s = e.student_start
+        values[i, s : s + e.n_response] = cache[f"{e.key}.values"].float()
+        indices[i, s : s + e.n_response] = cache[f"{e.key}.indices"].long()
+        lse[i, s : s + e.n_response] = cache[f"{e.key}.lse"].float()
+        mask[i, s : s + e.n_response] = 1
+    return ids, attn, values, indices, mask, lse
+
+
+# ----- LoRA ----------------------------------------------------------------------------------
+def lora_config(n_layers: int, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+        layers_to_transform=list(range(1, n_layers)),  # never layer 0: the gate reads its output
+        layers_pattern="layers", bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine decay to 0
+
+    return f
+
+
+# ----- optimizer state without pickle -----------------------------------------------------
+def save_optimizer(opt: torch.optim.Optimizer, sched, path: Path, extra: dict) -> None:
+    tensors, meta = {}, {"scalars": {}, "sched": sched.state_dict() if sched else None, **extra}
+    for pid, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{pid}.{name}"] = value
+    meta["param_groups"] = opt.state_dict()["param_groups"]
+    save_tensors(path / "optimizer.safetensors", tensors)
+    meta["sched"] = {k: v for k, v in (meta["sched"] or {}).items() if k != "lr_lambdas"}
+    atomic_write_json(path / "trainer_state.json", meta)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, sched, path: Path) -> dict:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if sched is not None and meta.get("sched"):
+        sched.load_state_dict({**sched.state_dict(), **meta["sched"]})
+    return meta

@@ -1,0 +1,178 @@
+"""Stage 5: self-distil the persona into one LoRA adapter (see prism.distill for the maths).
+
+Runs under `accelerate launch` as well as plainly: the data loader is sharded per process and
+only the main process writes files. A checkpoint after every epoch (adapter, optimizer state
+and step, all safetensors/JSON) lets a killed run continue from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from prism.distill import (build_example, load_optimizer, lora_config, lr_lambda, save_optimizer, save_tensors,
+                           student_batch, teacher_topk, topk_kl)
+from prism.io import append_jsonl, atomic_write_json, read_jsonl
+from prism.models import decoder_layers
+from prism.records import AnswerRecord, VerdictRecord
+from prism.stages.context import StageContext
+
+log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"
+DISTILL_DIR = "distill"
+
+
+def distill_examples(ctx: StageContext):
+    cfg = ctx.config.distill
+    labels = {r["query_id"]: r["label"] for r in read_jsonl(ctx.run.file("verdicts"))}
+    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.file("answers"))]
+    chosen = [a for a in answers if labels.get(a.query_id) == 1]
+    return [
+        build_example(ctx.model, a.query_id, a.query, a.answer_persona,
+                      ctx.persona_text(ctx.persona_by_name(a.persona)), ctx.config.placement, cfg.max_seq_len)
+        for a in chosen
+    ]
+
+
+@torch.no_grad()
+def mean_kl(model, examples, cache, pad_id, k, temperature, batch_size) -> float:
+    """Token-weighted mean KL over examples, in eval mode (no dropout)."""
+    was = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        part = examples[start : start + batch_size]
+        ids, attn, vals, idx, mask, lse = student_batch(part, cache, pad_id, k)
+        dev = next(model.parameters()).device
+        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
+        n = int(mask.sum())
+        total += topk_kl(logits, vals.to(dev), idx.to(dev), mask.to(dev), temperature, lse.to(dev)).item() * n
+        tokens += n
+    model.train(was)
+    return total / max(1, tokens)
+
+
+def run_distill(ctx: StageContext) -> dict:
+    from accelerate import Accelerator
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    cfg = ctx.config.distill
+    out = ctx.run.path / DISTILL_DIR
+    examples = distill_examples(ctx)
+    pad_id = ctx.model.tokenizer.pad_token_id
+    n_layers = len(decoder_layers(ctx.model.model))
+    base = ctx.model.model
+    accelerator = Accelerator(
+        cpu=ctx.model.device.type == "cpu", gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision="bf16" if cfg.train_dtype == "bfloat16" else "no",
+    )
+
+    # 1. The teacher's top-k logits, computed once with the persona in context.
+    cache_path = out / "teacher_topk.safetensors"
+    if examples and not cache_path.is_file():
+        bar = ctx.progress(total=len(examples), desc="stage 5/5 teacher logits")
+        cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature, progress=bar)
+        bar.close()
+        if accelerator.is_main_process:
+            save_tensors(cache_path, cache)
+    cache = load_file(str(cache_path)) if examples else {}
+
+    peft_model = get_peft_model(base, lora_config(n_layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
+    try:
+        facts = _train(ctx, accelerator, peft_model, examples, cache, pad_id, out,
+                       get_peft_model_state_dict, set_peft_model_state_dict)
+        if accelerator.is_main_process:
+            tmp = ctx.run.path / (ADAPTER_DIR + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            accelerator.unwrap_model(peft_model).save_pretrained(tmp)
+            shutil.rmtree(ctx.run.path / ADAPTER_DIR, ignore_errors=True)
+            tmp.rename(ctx.run.path / ADAPTER_DIR)
+    finally:
+        # Take the LoRA layers out again: the base model object is shared with the caller.
+        peft_model.unload()
+        base.eval()
+    return facts
+
+
+def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state, set_state) -> dict:
+    cfg = ctx.config.distill
+    k, temp = cfg.top_k, cfg.temperature
+    if not examples:
+        log.warning("stage 5: the distill set is empty (no query where the persona won both orders); "
+                    "the adapter stays at its initialisation (a no-op)")
+        return {"examples": 0, "trained": False}
+    kl_initial = mean_kl(peft_model, examples, cache, pad_id, k, temp, ctx.model.batch_size)
+    log.info("stage 5: %d examples, initial KL %.4f", len(examples), kl_initial)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
+    loader = torch.utils.data.DataLoader(list(range(len(examples))), batch_size=cfg.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(ctx.config.seed),
+                                         collate_fn=lambda idx: idx)
+    peft_model, opt, loader, sched = accelerator.prepare(peft_model, opt, loader, sched)
+
+    ckpt = out / "checkpoint"
+    start_epoch, step = 0, 0
+    if (ckpt / "trainer_state.json").is_file():
+        set_state(accelerator.unwrap_model(peft_model), load_file(str(ckpt / "adapter.safetensors")))
+        meta = load_optimizer(opt, sched, ckpt)
+        start_epoch, step = meta["epochs_done"], meta["step"]
+        log.info("stage 5: resuming after epoch %d (step %d)", start_epoch, step)
+    losses_path = out / "losses.jsonl"
+    bar = ctx.progress(total=(cfg.epochs - start_epoch) * len(loader), desc="stage 5/5 distill")
+    peft_model.train()
+    dev = accelerator.device
+    for epoch in range(start_epoch, cfg.epochs):
+        random.seed(ctx.config.seed + epoch)
+        loader_gen = getattr(loader, "generator", None) or getattr(getattr(loader, "base_dataloader", None),
+                                                                    "generator", None)
+        if loader_gen is not None:
+            loader_gen.manual_seed(ctx.config.seed + epoch)
+        epoch_loss, n_batches, t0 = 0.0, 0, time.perf_counter()
+        for idx in loader:
+            ids, attn, vals, tidx, mask, lse = student_batch([examples[i] for i in idx], cache, pad_id, k)
+            with accelerator.accumulate(peft_model):
+                with accelerator.autocast():
+                    logits = peft_model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
+                loss = topk_kl(logits, vals.to(dev), tidx.to(dev), mask.to(dev), temp, lse.to(dev))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                    step += 1
+                opt.step()
+                sched.step() if accelerator.sync_gradients else None
+                opt.zero_grad()
+            epoch_loss += loss.item()
+            n_batches += 1
+            bar.update(1)
+        row = {"epoch": epoch + 1, "step": step, "loss": round(epoch_loss / max(1, n_batches), 5),
+               "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
+        if accelerator.is_main_process:
+            append_jsonl(losses_path, [row])
+            tmp = out / "checkpoint.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_tensors(tmp / "adapter.safetensors",
+                         {k_: v.detach().cpu().contiguous()
+                          for k_, v in get_state(accelerator.unwrap_model(peft_model)).items()})
+            save_optimizer(opt, sched, tmp, {"epochs_done": epoch + 1, "step": step})
+            shutil.rmtree(ckpt, ignore_errors=True)
+            tmp.rename(ckpt)
+        log.info("stage 5: epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, row["loss"])
+    bar.close()
+    kl_final = mean_kl(peft_model, examples, cache, pad_id, k, temp, ctx.model.batch_size)
+    losses = read_jsonl(losses_path)
+    facts = {"examples": len(examples), "trained": True, "kl_initial": round(kl_initial, 5),
+             "kl_final": round(kl_final, 5), "epochs": cfg.epochs, "steps": step,
+             "epoch_losses": [r["loss"] for r in losses]}
+    if accelerator.is_main_process:
+        atomic_write_json(out / "summary.json", facts)
+    return facts

@@ -1,0 +1,102 @@
+"""Stage 3: the model judges its own pairs, twice with the positions swapped.
+
+First the judge is checked (and its position bias calibrated) on pairs with a known right
+answer; the result is kept in `judge_check.json` so a resumed run labels with the same
+calibration. Then each (base, persona) pair gets two verdicts; label 1 (distill) only when the
+persona answer wins both orders, else 0 (retain).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from prism.io import append_jsonl, atomic_write_json, read_jsonl
+from prism.judges import Judge, JudgeCheck, ProgramJudge, check_judge, make_judge, mismatched_pairs
+from prism.records import AnswerRecord, VerdictRecord, both_orders_label
+from prism.stages.context import StageContext
+
+log = logging.getLogger(__name__)
+CHECK_FILE = "judge_check.json"
+
+
+def build_judge(ctx: StageContext) -> Judge:
+    j = ctx.config.judge
+    return make_judge(j.kind, ctx.model, margin=j.margin, program=j.program, max_new_tokens=j.max_new_tokens)
+
+
+def _judge_check(ctx: StageContext, judge: Judge, answers: list[AnswerRecord]) -> JudgeCheck | None:
+    if isinstance(judge, ProgramJudge):
+        return None  # a program checks one property (e.g. the language), not relevance
+    path = ctx.run.path / CHECK_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("judge") == judge.name:
+            judge.bias = saved["position_bias"]
+            saved["ci95"] = tuple(saved["ci95"])
+            return JudgeCheck(**saved)
+    n = ctx.config.judge.sanity_pairs
+    triples = mismatched_pairs([(a.query, a.answer_base, a.persona) for a in answers], n, ctx.config.seed)
+    if not triples:
+        return None
+    bar = ctx.progress(total=2 * len(triples), desc="stage 3/5 judge check")
+    check = check_judge(judge, triples, progress=bar)
+    bar.close()
+    atomic_write_json(path, check.to_dict())
+    return check
+
+
+def warn_if_chance(check: JudgeCheck | None, where: str = "stage 3") -> None:
+    if check is None or check.passed:
+        return
+    log.warning(
+        "\n%s\n%s: JUDGE IS NO BETTER THAN CHANCE: the %s judge preferred the answer to the query over an "
+        "answer to another query in %.0f%% of %d judgments (95%% CI %.2f-%.2f). Its labels are noise; "
+        "use another judge (judge.kind / judge.model).\n%s",
+        "!" * 78, where, check.judge, 100 * check.accuracy, 2 * check.pairs, *check.ci95, "!" * 78,
+    )
+
+
+def run_verdicts(ctx: StageContext) -> dict:
+    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.file("answers"))]
+    judge = build_judge(ctx)
+    check = _judge_check(ctx, judge, answers)
+    warn_if_chance(check)
+    path = ctx.run.file("verdicts")
+    done = {r["query_id"] for r in read_jsonl(path)}
+    todo = [a for a in answers if a.query_id not in done]
+    bar = ctx.progress(total=2 * len(todo), desc="stage 3/5 verdicts")
+    chunk = max(1, ctx.model.batch_size * 2)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        first = judge.prefer_a([(a.query, a.answer_persona, a.answer_base) for a in part], progress=bar)
+        second = judge.prefer_a([(a.query, a.answer_base, a.answer_persona) for a in part], progress=bar)
+        rows = []
+        for a, s1, s2 in zip(part, first, second):
+            v1, v2 = judge.letter(s1), judge.letter(s2)
+            rows.append(VerdictRecord(
+                query_id=a.query_id, persona=a.persona, judge=judge.name, persona_first=v1, persona_second=v2,
+                score_persona_first=round(s1 - judge.bias, 5), score_persona_second=round(s2 - judge.bias, 5),
+                label=both_orders_label(v1, v2),
+            ).to_dict())
+        append_jsonl(path, rows)
+    bar.close()
+    return summarise_verdicts([VerdictRecord.from_dict(r) for r in read_jsonl(path)], check)
+
+
+def summarise_verdicts(rows: list[VerdictRecord], check: JudgeCheck | None) -> dict:
+    n = len(rows)
+    distill = sum(r.label for r in rows)
+    per_persona: dict[str, dict[str, int]] = {}
+    for r in rows:
+        d = per_persona.setdefault(r.persona, {"distill": 0, "retain": 0})
+        d["distill" if r.label else "retain"] += 1
+    return {
+        "count": n,
+        "distill": distill,
+        "retain": n - distill,
+        "distill_share": round(distill / n, 4) if n else None,
+        "position_consistency": round(sum(r.consistent for r in rows) / n, 4) if n else None,
+        "per_persona": per_persona,
+        "judge_check": check.to_dict() if check else None,
+    }

@@ -1,0 +1,147 @@
+"""The distillation loss alone, then on the real embedded model: initial KL, training, layer 0."""
+
+import math
+
+import pytest
+import torch
+
+from prism.distill import build_example, lora_config, student_batch, teacher_topk, topk_kl
+from prism.models import decoder_layers
+
+
+def test_topk_kl_is_zero_for_identical_distributions_over_the_full_vocabulary():
+    logits = torch.randn(2, 5, 11)
+    vals, idx = logits.topk(11, dim=-1)
+    mask = torch.ones(2, 5)
+    assert topk_kl(logits, vals, idx, mask, 2.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_topk_kl_matches_a_hand_computed_case():
+    student = torch.tensor([[[0.0, 0.0, 0.0]]])  # uniform over 3 tokens
+    teacher_full = torch.tensor([2.0, 0.0, 0.0])
+    teacher_vals, teacher_idx = torch.tensor([[[2.0, 0.0]]]), torch.tensor([[[0, 1]]])  # top-2
+    t = 2.0
+    e = math.e
+    # With the teacher's normaliser: buckets {token 0, token 1, rest}, teacher at T=2 is
+    # (e, 1, 1) / (e + 2), the student is uniform.
+    p = torch.tensor([e, 1.0, 1.0]) / (e + 2)
+    expected = float((p * (p / (1 / 3)).log()).sum()) * t * t
+    lse = torch.logsumexp(teacher_full / t, -1).reshape(1, 1)
+    got = topk_kl(student, teacher_vals, teacher_idx, torch.ones(1, 1), t, lse).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    # Without it: both renormalised over the two tokens: teacher (e, 1)/(e+1), student (1/2, 1/2).
+    p2 = torch.tensor([e, 1.0]) / (e + 1)
+    expected2 = float((p2 * (p2 / 0.5).log()).sum()) * t * t
+    assert topk_kl(student, teacher_vals, teacher_idx, torch.ones(1, 1), t).item() == pytest.approx(expected2, rel=1e-5)
+
+
+def test_topk_kl_with_the_teacher_normaliser_counts_the_mass_outside_top_k():
+    teacher = torch.randn(1, 3, 50) * 3
+    vals, idx = teacher.topk(5, dim=-1)
+    lse = torch.logsumexp(teacher / 2.0, dim=-1)
+    mask = torch.ones(1, 3)
+    assert topk_kl(teacher, vals, idx, mask, 2.0, lse).item() == pytest.approx(0.0, abs=1e-5)
+    # A student that matches the top-k shape but puts its tail mass elsewhere is penalised only
+    # when the teacher's normaliser is known.
+    student = teacher.clone()
+    student.scatter_(-1, idx, student.gather(-1, idx) - 3.0)
+    assert topk_kl(student, vals, idx, mask, 2.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert topk_kl(student, vals, idx, mask, 2.0, lse).item() > 0.1
+
+
+def test_topk_kl_ignores_masked_positions_and_scales_with_t_squared():
+    s, tv = torch.randn(1, 4, 9), torch.randn(1, 4, 9)
+    vals, idx = tv.topk(9, dim=-1)
+    m = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    garbage = s.clone()
+    garbage[0, 2:] = 100 * torch.randn(2, 9)
+    assert topk_kl(s, vals, idx, m, 1.0).item() == pytest.approx(topk_kl(garbage, vals, idx, m, 1.0).item())
+    # with T -> the KL of softened distributions shrinks ~1/T^2, so T^2 keeps the scale comparable
+    assert topk_kl(s, vals, idx, m, 1.0).item() > 0
+
+
+def _examples(model, persona, n=4):
+    qa = [("What is the capital of Italy?", "La capitale de l'Italie est Rome."),
+          ("How many legs does a spider have?", "Une araignée a huit pattes."),
+          ("Name a primary colour.", "Le rouge est une couleur primaire."),
+          ("What do bees make?", "Les abeilles fabriquent du miel.")][:n]
+    return [build_example(model, f"q{i}", q, a, persona, "system", 128) for i, (q, a) in enumerate(qa)]
+
+
+@pytest.mark.slow
+def test_initial_kl_is_positive_with_the_persona_and_training_lowers_it(embedded):
+    from peft import get_peft_model
+
+    persona = "Always answer in French. Réponds toujours en français."
+    model, pad = embedded.model, embedded.tokenizer.pad_token_id
+    examples = _examples(embedded, persona)
+    cache = teacher_topk(model, examples, 64, 4, pad)
+    ids, attn, vals, idx, mask, lse = student_batch(examples, cache, pad, 64)
+    with torch.no_grad():
+        kl0 = topk_kl(model(input_ids=ids, attention_mask=attn).logits, vals, idx, mask, 2.0, lse).item()
+    # The authors' pitfall: a teacher without the persona equals the student, KL ~ 0.
+    same = _examples(embedded, persona=None)
+    same_cache = teacher_topk(model, same, 64, 4, pad)
+    ids2, attn2, vals2, idx2, mask2, lse2 = student_batch(same, same_cache, pad, 64)
+    with torch.no_grad():
+        kl_same = topk_kl(model(input_ids=ids2, attention_mask=attn2).logits, vals2, idx2, mask2, 2.0, lse2).item()
+    assert kl0 > 0.05 and kl0 > 20 * max(kl_same, 1e-6), (kl0, kl_same)
+
+    n_layers = len(decoder_layers(model))
+    peft_model = get_peft_model(model, lora_config(n_layers, 8, 16, 0.0, ["q_proj", "v_proj", "o_proj", "up_proj"]))
+    try:
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+        peft_model.train()
+        for _ in range(12):
+            loss = topk_kl(peft_model(input_ids=ids, attention_mask=attn).logits, vals, idx, mask, 2.0, lse)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        peft_model.eval()
+        with torch.no_grad():
+            kl1 = topk_kl(peft_model(input_ids=ids, attention_mask=attn).logits, vals, idx, mask, 2.0, lse).item()
+        assert kl1 < 0.5 * kl0, (kl0, kl1)
+    finally:
+        peft_model.unload()
+        model.eval()
+
+
+@pytest.mark.slow
+def test_gate_input_is_identical_with_the_adapter_on_and_off(embedded):
+    from peft import get_peft_model
+
+    model = embedded.model
+    n_layers = len(decoder_layers(model))
+    cfg = lora_config(n_layers, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    try:
+        names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+        assert names and not any(".layers.0." in n for n in names)  # layer 0 carries no LoRA
+        with torch.no_grad():  # a non-trivial adapter (B starts at zero)
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        prompts = [embedded.user_prompt("Explain gravity."), embedded.user_prompt("Write a poem about rain, please.")]
+        peft_model.base_model.enable_adapter_layers()
+        on = embedded.layer1_states(prompts, pooling="mean")
+        on_logits = embedded.next_token_logprobs(prompts)
+        peft_model.base_model.disable_adapter_layers()
+        off = embedded.layer1_states(prompts, pooling="mean")
+        off_logits = embedded.next_token_logprobs(prompts)
+        assert torch.equal(on, off)
+        assert not torch.allclose(on_logits, off_logits, atol=1e-3)  # the adapter is really active
+    finally:
+        peft_model.base_model.enable_adapter_layers()
+        peft_model.unload()
+        model.eval()
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from prism.distill import lr_lambda
+
+    f = lr_lambda(total_steps=10, warmup_steps=2)
+    assert f(0) == 0.5 and f(1) == 1.0
+    assert f(2) == pytest.approx(1.0) and f(9) < 0.1 and f(10) == pytest.approx(0.0)
+    assert all(f(i) >= f(i + 1) for i in range(2, 10))
+    assert not math.isnan(f(100))

@@ -1,0 +1,44 @@
+import json
+import os
+
+import pytest
+
+from prism.io import append_jsonl, atomic_write_json, read_jsonl
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    f = tmp_path / "m.json"
+    atomic_write_json(f, {"a": 1})
+    atomic_write_json(f, {"a": 2})
+    assert json.loads(f.read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["m.json"]
+
+
+def test_read_jsonl_drops_and_repairs_a_torn_last_line(tmp_path):
+    f = tmp_path / "x.jsonl"
+    append_jsonl(f, [{"i": 0}, {"i": 1}])
+    with open(f, "ab") as h:
+        h.write(b'{"i": 2, "te')  # what a kill in the middle of a write could leave
+    assert read_jsonl(f) == [{"i": 0}, {"i": 1}]
+    assert f.read_bytes().endswith(b'{"i": 1}\n')  # repaired on disk
+    append_jsonl(f, [{"i": 2}])
+    assert [r["i"] for r in read_jsonl(f)] == [0, 1, 2]
+
+
+def test_read_jsonl_keeps_a_complete_row_missing_its_newline(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"i": 0}\n{"i": 1}')
+    assert read_jsonl(f) == [{"i": 0}, {"i": 1}]
+    append_jsonl(f, [{"i": 2}])
+    assert len(read_jsonl(f)) == 3
+
+
+def test_corruption_in_the_middle_is_an_error(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"i": 0}\nnot json\n{"i": 2}\n')
+    with pytest.raises(ValueError, match="corrupt line"):
+        read_jsonl(f)
+
+
+def test_missing_file_reads_as_empty(tmp_path):
+    assert read_jsonl(tmp_path / "none.jsonl") == []

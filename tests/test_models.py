@@ -1,0 +1,106 @@
+"""Model loading and chat formatting on the real embedded model."""
+
+import shutil
+import warnings
+
+import pytest
+
+from prism.models import ModelLoadError, load_model, resolve_device, resolve_dtype
+
+# A template like Mistral-7B-Instruct-v0.3's: no system role, raises on one.
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_system_placement_on_a_template_with_system_role(embedded):
+    assert embedded.supports_system_role
+    text = embedded.user_prompt("What is 2+2?", persona="You are a mathematician.", placement="system")
+    assert "<|im_start|>system\nYou are a mathematician.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    user = embedded.user_prompt("What is 2+2?", persona="You are a mathematician.", placement="user")
+    assert "<|im_start|>user\nYou are a mathematician.\n\nWhat is 2+2?<|im_end|>" in user
+    assert "You are a mathematician." not in embedded.user_prompt("What is 2+2?")
+
+
+def test_template_without_system_role_moves_persona_to_user_turn_with_warning(embedded):
+    original = embedded.tokenizer.chat_template
+    try:
+        embedded.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+        from prism.models import _template_has_system_role
+
+        embedded.supports_system_role = _template_has_system_role(embedded.tokenizer)
+        embedded._placement_warned = False
+        assert not embedded.supports_system_role
+        with pytest.warns(UserWarning, match="no system role"):
+            text = embedded.user_prompt("Hi there", persona="You are a pirate.", placement="system")
+        assert text == "[INST] You are a pirate.\n\nHi there [/INST]"
+    finally:
+        embedded.tokenizer.chat_template = original
+        embedded.supports_system_role = True
+
+
+def test_generation_is_batched_and_counts_tokens(embedded):
+    prompts = [embedded.user_prompt(q) for q in ["Name a colour.", "Name a fruit that is yellow and long."]]
+    before = embedded.tokens_generated
+    gens = embedded.generate(prompts, max_new_tokens=8, temperature=0.0)
+    assert len(gens) == 2 and all(g.text and 0 < g.n_tokens <= 8 for g in gens)
+    assert embedded.tokens_generated - before == sum(g.n_tokens for g in gens)
+    # Greedy decoding in a batch equals decoding alone (left padding is handled).
+    alone = embedded.generate(prompts[:1], max_new_tokens=8, temperature=0.0)
+    assert alone[0].text == gens[0].text
+
+
+def test_continuation_logprobs_prefers_the_likely_answer(embedded):
+    p = embedded.user_prompt("What is the capital of France?")
+    (good, n1), (bad, n2) = embedded.continuation_logprobs([p, p], ["The capital of France is Paris.",
+                                                                    "Bananas swim quietly under purple mountains."])
+    assert n1 > 0 and n2 > 0 and good / n1 > bad / n2
+
+
+def test_missing_model_and_bad_directories(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot load the tokenizer of 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        load_model(str(f))
+
+
+def test_local_directory_and_tokenizer_without_chat_template(embedded, tmp_path):
+    src = embedded.source  # the cached safetensors folder of the embedded model
+    from prism.models import embedded_model_dir
+
+    local = tmp_path / "model"
+    shutil.copytree(embedded_model_dir(), local)
+    m = load_model(str(local))
+    assert m.source["kind"] == "local" and src["kind"] == "embedded"
+    (local / "chat_template.jinja").unlink()
+    cfg = (local / "tokenizer_config.json").read_text()
+    import json
+
+    data = json.loads(cfg)
+    data.pop("chat_template", None)
+    (local / "tokenizer_config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="no chat template"):
+        load_model(str(local))
+
+
+def test_unknown_dtype_and_device():
+    with pytest.raises(ModelLoadError, match="unknown dtype 'float8'"):
+        resolve_dtype("float8")
+    with pytest.raises(ModelLoadError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch
+
+        if not torch.cuda.is_available():
+            with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+                resolve_device("cuda")

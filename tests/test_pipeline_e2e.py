@@ -1,0 +1,97 @@
+"""End to end on the real embedded model with the micro preset: files, manifest, kill + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prism.cli import main
+from prism.config import load_config
+from prism.io import read_jsonl
+from prism.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def _ids(path, key):
+    return [r[key] for r in read_jsonl(path)]
+
+
+def test_stages_1_to_3_write_records_and_a_manifest_that_matches(tmp_path, embedded):
+    cfg = load_config("micro")
+    run = run_pipeline(cfg, tmp_path / "run", until="verdicts", quiet=True, model=embedded)
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    queries = read_jsonl(tmp_path / "run" / "queries.jsonl")
+    answers = read_jsonl(tmp_path / "run" / "answers.jsonl")
+    verdicts = read_jsonl(tmp_path / "run" / "verdicts.jsonl")
+    assert len(queries) == 6  # 2 personas x 3
+    assert m["stages"]["queries"]["count"] == len(queries)
+    assert m["stages"]["answers"]["count"] == len(answers) == len(queries)
+    assert m["stages"]["verdicts"]["count"] == len(verdicts) == len(queries)
+    assert m["stages"]["verdicts"]["distill"] == sum(v["label"] for v in verdicts)
+    assert m["stages"]["gate"]["status"] == "pending"
+    assert m["model"]["kind"] == "embedded" and m["model"]["gguf_sha256"]
+    assert m["versions"]["torch"] and m["config"]["queries"]["n_per_persona"] == 3
+    assert {q["persona"] for q in queries} == {"math", "writing"}
+    assert len({q["text"].lower() for q in queries}) == len(queries)
+    for v in verdicts:
+        assert v["persona_first"] in ("A", "B", "TIE") and v["persona_second"] in ("A", "B", "TIE")
+        assert v["label"] == int(v["persona_first"] == "A" and v["persona_second"] == "B")
+    check = json.loads((tmp_path / "run" / "judge_check.json").read_text())
+    assert check["judge"] == "likelihood" and check["pairs"] == 4
+    assert m["stages"]["verdicts"]["judge_check"]["accuracy"] == check["accuracy"]
+    # A finished run does nothing when run again: no file changes.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    run_pipeline(cfg, tmp_path / "run", until="verdicts", quiet=True, model=embedded)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
+    assert run.status("verdicts") == "done"
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, embedded):
+    run_pipeline(load_config("micro"), tmp_path / "run", until="queries", quiet=True, model=embedded)
+    code = main(["run", "--preset", "micro", "--n", "4", "--until", "queries", "--out", str(tmp_path / "run"),
+                 "--quiet"])
+    assert code == 2
+
+
+def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prism.cli", "run", "--preset", "micro", "--n", "6", "--batch-size", "2",
+           "--until", "verdicts", "--out", str(out), "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers = out / "answers.jsonl"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # kill as soon as stage 2 has saved some but not all items
+            if answers.exists() and len(read_jsonl(answers, repair=False)) >= 4:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    manifest = json.loads((out / "manifest.json").read_text())  # still valid JSON after the kill
+    assert manifest["stages"]["queries"]["status"] == "done"
+    assert manifest["stages"]["answers"]["status"] == "running"
+    saved = answers.read_bytes()
+    n_saved = len(read_jsonl(answers))
+    assert 4 <= n_saved < 12
+    queries_before = (out / "queries.jsonl").read_bytes()
+
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert (out / "queries.jsonl").read_bytes() == queries_before  # stage 1 not redone
+    after = answers.read_bytes()
+    assert after.startswith(saved[: saved.rfind(b"\n") + 1])  # finished answers kept as they were
+    ids = _ids(answers, "query_id")
+    assert len(ids) == len(set(ids)) == 12  # nothing answered twice, nothing missing
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("queries", "answers", "verdicts"))
+    assert manifest["stages"]["answers"]["count"] == 12
+    assert len(read_jsonl(out / "verdicts.jsonl")) == 12

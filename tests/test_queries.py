@@ -1,0 +1,41 @@
+import pytest
+
+from prism.stages.queries import accept, clean_query, normalise
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("1. How do I sort a list in Python?", "How do I sort a list in Python?"),
+    ("2) What is entropy?", "What is entropy?"),
+    ("- **Question:** Why is the sky blue?", "Why is the sky blue?"),
+    ('"What causes tides?"', "What causes tides?"),
+    ("\u201cWhat causes tides?\u201d", "What causes tides?"),
+    ("Sure! Here is a question:\n\nHow do vaccines work?", "How do vaccines work?"),
+    ('A user might ask: "How do I compute a determinant?" and you would answer', "How do I compute a determinant?"),
+    ("What is a monad? A monad is a thing.", "What is a monad?"),
+    ("Write a haiku about autumn leaves.\nSecond line", "Write a haiku about autumn leaves."),
+    ("Q1: Explain   recursion  briefly", "Explain recursion briefly"),
+    ("", ""),
+    ("\n\n   \n", ""),
+])
+def test_clean_query(raw, expected):
+    assert clean_query(raw) == expected
+
+
+def test_normalise_ignores_case_punctuation_and_spacing():
+    assert normalise("How do I sort a list?") == normalise("how do i   SORT a list") == "how do i sort a list"
+
+
+def test_accept_filters_short_deduplicates_and_caps():
+    seen = {normalise("What is the speed of light?")}
+    raw = [
+        "1. What is the speed of light?",  # already seen in an earlier round
+        "Hi?",  # too short
+        "How do black holes form?",
+        "how do black holes FORM",  # duplicate after normalisation
+        "What is dark matter made of?",
+        "Why do stars twinkle at night?",
+    ]
+    kept = accept(raw, seen, min_chars=10, need=2)
+    assert kept == [(2, "How do black holes form?"), (4, "What is dark matter made of?")]
+    assert normalise("What is dark matter made of?") in seen
+    assert normalise("Why do stars twinkle at night?") not in seen  # never looked at: cap reached
