@@ -93,3 +93,17 @@ def test_unfinished_run_is_refused(tmp_path, embedded):
     run_pipeline(load_config("micro"), tmp_path / "r", until="queries", quiet=True, model=embedded)
     with pytest.raises(RunError, match="stage 'gate' is not finished"):
         PrismModel.load(tmp_path / "r")
+
+
+def test_chat_cli_prints_each_reply_with_its_route(finished_run):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "prism.cli", "chat", str(finished_run), "--max-new-tokens", "6"],
+        input="Hello there!\nWhat is 2+2?\n/reset\n/quit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("prism> ") == 2
+    assert proc.stdout.count("[route: adapter") == 2
+    assert "(new conversation)" in proc.stderr

@@ -64,12 +64,12 @@ def cmd_run(args) -> int:
 
     config = _resolve_config(args)
     run = run_pipeline(config, args.out, until=args.until, quiet=args.quiet)
-    print(_stage_table(run.manifest))
+    print(_stage_table(run.path, run.manifest))
     return 0
 
 
-def _stage_table(manifest: dict) -> str:
-    lines = [f"run: {manifest['config']['model']}  fingerprint of settings in manifest.json",
+def _stage_table(path, manifest: dict) -> str:
+    lines = [f"run {path} (model {manifest['config']['model']}); details in {path}/manifest.json",
              f"{'stage':<10} {'status':<8} {'seconds':>8}  facts"]
     for name, info in manifest["stages"].items():
         facts = {k: v for k, v in info.items()

@@ -53,6 +53,7 @@ class JudgeConfig(_Section):
     """Stage 3: the model judges its own pairs (see prism.stages.verdicts for each kind)."""
 
     kind: JudgeKind = "likelihood"
+    model: str | None = None  # another local model / hub id as the judge; None = the model itself
     margin: float = Field(0.0, ge=0)  # |calibrated score| at or below this is a TIE
     sanity_pairs: int = Field(24, ge=0)  # relevant-vs-mismatched pairs for the judge check
     program: str | None = None  # "module:function" scoring one answer, for kind=program

@@ -198,14 +198,11 @@ class ChatModel:
         top_p: float = 1.0,
         seed: int | None = None,
         progress=None,
-        stop_at_newline: bool = False,
     ) -> list[Generation]:
         """Generate one continuation per prompt, batched, longest prompts grouped together."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[Generation | None] = [None] * len(prompts)
         eos = [self.tokenizer.eos_token_id]
-        if stop_at_newline:
-            eos += [t for t in self._newline_ids() if t not in eos]
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             enc = self._encode([prompts[i] for i in idx])
@@ -230,10 +227,6 @@ class ChatModel:
             if progress is not None:
                 progress.update(len(idx))
         return out  # type: ignore[return-value]
-
-    def _newline_ids(self) -> list[int]:
-        vocab = self.tokenizer.get_vocab()
-        return [i for tok, i in vocab.items() if "\n" in self.tokenizer.convert_tokens_to_string([tok])]
 
     @torch.inference_mode()
     def continuation_logprobs(

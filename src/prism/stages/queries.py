@@ -103,9 +103,7 @@ def run_queries(ctx: StageContext) -> dict:
             prompts += [query_prompt(ctx, p)] * k
             owners += [p.name] * k
         seed = ctx.config.seed * 100_003 + len(rows) * 101 + round_no
-        gens = ctx.model.generate(
-            prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed, stop_at_newline=False
-        )
+        gens = ctx.model.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed)
         new_rows = []
         for p in needy:
             mine = [g for g, o in zip(gens, owners) if o == p.name]

@@ -22,7 +22,14 @@ CHECK_FILE = "judge_check.json"
 
 def build_judge(ctx: StageContext) -> Judge:
     j = ctx.config.judge
-    return make_judge(j.kind, ctx.model, margin=j.margin, program=j.program, max_new_tokens=j.max_new_tokens)
+    model = ctx.model
+    if j.model and j.kind != "program":
+        from prism.models import load_model
+
+        c = ctx.config
+        model = load_model(j.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code,
+                           batch_size=c.batch_size)
+    return make_judge(j.kind, model, margin=j.margin, program=j.program, max_new_tokens=j.max_new_tokens)
 
 
 def _judge_check(ctx: StageContext, judge: Judge, answers: list[AnswerRecord]) -> JudgeCheck | None:
