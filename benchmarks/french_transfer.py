@@ -50,9 +50,10 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/french")
-    ap.add_argument("--n", type=int, default=48, help="self-generated training queries")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--heldout", type=int, default=40, help="MT-Bench questions to evaluate on")
+    ap.add_argument("--n", type=int, default=96, help="self-generated training queries")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--heldout", type=int, default=80, help="MT-Bench questions to evaluate on")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--benchmarks", default=str(BENCHMARKS))
     args = ap.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
     cfg = load_config("quick", overrides={
         "persona_dir": str(CONTEXT), "personas": ["french"], "queries.n_per_persona": args.n,
         "answers.max_new_tokens": 64, "judge.kind": "program", "judge.program": "prism.verifiers:is_french",
-        "distill.epochs": args.epochs, "queries.persona_in_context": False,
+        "distill.epochs": args.epochs, "distill.lr": args.lr, "queries.persona_in_context": False,
     })
     base = load_model(batch_size=cfg.batch_size)
     run = run_pipeline(cfg, args.out, model=base)

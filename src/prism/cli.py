@@ -163,6 +163,32 @@ def cmd_chat(args) -> int:
         print(f"prism> {reply.text}\n{_route_line(reply.route)}", flush=True)
 
 
+def cmd_eval(args) -> int:
+    from prism.eval import run_eval
+
+    limits = {}
+    for part in (args.limit or "").split(","):
+        if part.strip():
+            name, _, value = part.partition("=")
+            if not value.strip().isdigit():
+                raise ValueError(f"--limit takes name=N pairs (e.g. mmlu=100,mtbench=16), got {part!r}")
+            limits[name.strip()] = int(value)
+    persona_map = dict(p.split("=", 1) for p in (args.persona_map or "").split(",") if "=" in p)
+    results = run_eval(
+        args.out, run_dir=args.run_dir, model=args.model, preset=args.preset, quiet=args.quiet,
+        data_dir=args.data, limits=limits or None,
+        systems=tuple(args.systems.split(",")) if args.systems else None,
+        benchmarks=tuple(args.benchmarks.split(",")) if args.benchmarks else None,
+        mmlu_shots=args.shots, judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
+        judge_key_env=args.judge_key_env, refusal=args.refusal, persona_map=persona_map or None,
+    )
+    from pathlib import Path
+
+    print((Path(args.out) / "table.md").read_text())
+    print(f"results: {Path(args.out) / 'results.json'}; plots: {', '.join(results.get('plots', []))}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +208,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--personas", help="extra personas: a directory or YAML file")
     p.add_argument("--show", help="print one persona's texts")
     p.set_defaults(fn=cmd_personas, quiet=True)
+
+    p = sub.add_parser("eval", help="base / expert prompting / ungated / PRISM on MT-Bench, MMLU, safety, XSTest")
+    p.add_argument("run_dir", nargs="?", help="a finished run directory (all four systems)")
+    p.add_argument("--model", help="evaluate a model without a run: base and persona rows only")
+    p.add_argument("--out", required=True, help="results directory (resumable)")
+    p.add_argument("--preset", default="quick", choices=["quick", "full"])
+    p.add_argument("--data", help="benchmark data folder (default: ../shared/benchmarks or $PRISM_BENCHMARKS)")
+    p.add_argument("--limit", help="per-benchmark item limits, e.g. mmlu=200,mtbench=80,harmbench=100")
+    p.add_argument("--systems", help="comma-separated subset of base,persona,ungated,prism")
+    p.add_argument("--benchmarks", help="comma-separated subset of mtbench,mmlu,safety,xstest")
+    p.add_argument("--shots", type=int, default=0, help="MMLU few-shot examples from the dev file")
+    p.add_argument("--judge", default="self", help="MT-Bench judge: self, or a local model directory / hub id")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for the MT-Bench judge")
+    p.add_argument("--judge-model", help="model name at --judge-url")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--refusal", default="pattern", choices=["pattern", "judge"], help="refusal classifier")
+    p.add_argument("--persona-map", help="category=persona overrides, e.g. other=critic,pku=helpful")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="one reply from a finished run, with its route")
     _gen_args(p)

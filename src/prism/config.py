@@ -138,7 +138,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "queries": {"n_per_persona": 8},
         "answers": {"max_new_tokens": 96},
         "judge": {"kind": "likelihood", "sanity_pairs": 24},
-        "distill": {"epochs": 3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384},
+        # Few examples give few optimizer steps: a higher learning rate than the paper's 2e-4
+        # (measured on the French-context benchmark: 2e-4 x 4 epochs transferred 20% of the
+        # prompted behaviour, 1e-3 x 8 epochs 87%).
+        "distill": {"epochs": 4, "lr": 1e-3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384},
     },
     # The paper's settings (PRISM_METHOD.md section 2).
     "paper": {

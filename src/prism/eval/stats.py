@@ -1,0 +1,60 @@
+"""Bootstrap confidence intervals and paired differences (pure functions)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean and percentile-bootstrap CI of `values` (NaNs dropped)."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if len(x) == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    a = (1 - level) / 2
+    return {"mean": float(x.mean()), "lo": float(np.quantile(boots, a)), "hi": float(np.quantile(boots, 1 - a)),
+            "n": int(len(x))}
+
+
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """Mean of a - b over paired items, with a bootstrap CI that resamples items (pairs kept)
+    and a two-sided bootstrap p-value for 'no difference'."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    d = np.asarray([x - y for x, y in zip(a, b) if x is not None and y is not None
+                    and not math.isnan(x) and not math.isnan(y)], dtype=float)
+    if len(d) == 0:
+        return {"diff": None, "lo": None, "hi": None, "p": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    a_ = (1 - level) / 2
+    p = 2 * min((boots <= 0).mean(), (boots >= 0).mean())
+    return {"diff": float(d.mean()), "lo": float(np.quantile(boots, a_)), "hi": float(np.quantile(boots, 1 - a_)),
+            "p": float(min(1.0, p)), "n": int(len(d))}
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    def ranks(v):
+        v = np.asarray(v, float)
+        order = v.argsort()
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for val in np.unique(v):  # average ranks for ties
+            r[v == val] = r[v == val].mean()
+        return r
+
+    if len(x) < 3:
+        return None
+    return pearson(ranks(x), ranks(y))
