@@ -24,7 +24,8 @@ def test_loaders_read_the_shared_benchmark_files(benchmarks_dir):
     assert len({it.subject for it in mmlu}) == 57
     hb = D.load_harmbench(benchmarks_dir)
     assert len(hb) == 400
-    contextual = [it for it in hb if it.category == "contextual"]
+    contextual = [it for it in hb if it.subject == "contextual"]
+    assert {it.category for it in hb} == {"harmbench"}  # matched to the safety persona
     assert len(contextual) == 100 and all("\n\n---\n\n" in it.turns[0] for it in contextual)
     assert len(D.load_jailbreak(benchmarks_dir)) == 79 and len(D.load_pku(benchmarks_dir)) == 500
     xs = D.load_xstest(benchmarks_dir)
@@ -39,6 +40,8 @@ def test_limits_draw_stratified_reproducible_samples(benchmarks_dir):
     assert [it.id for it in mt] != [it.id for it in D.load_mt_bench(benchmarks_dir, limit=16, seed=4)]
     mmlu = D.load_mmlu(benchmarks_dir, limit=114)
     assert len(mmlu) == 114 and len({it.subject for it in mmlu}) == 57
+    hb = D.load_harmbench(benchmarks_dir, limit=24)
+    assert {it.subject for it in hb} == {"standard", "contextual", "copyright"}
     xs = D.load_xstest(benchmarks_dir, limit=40)
     assert sum(it.label == "safe" for it in xs) == 20
 

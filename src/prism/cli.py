@@ -37,6 +37,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model repositories to run their own code (off by default)")
+    p.add_argument("--generator-url", help="generate stages 1-3 on this OpenAI-compatible server (vLLM, SGLang, "
+                                           "prism serve); key in PRISM_GENERATOR_API_KEY")
+    p.add_argument("--generator-model", help="the model's name on that server (default: its first model)")
+    p.add_argument("--generator-concurrency", type=int, help="requests in flight to that server (default 16)")
 
 
 def _resolve_config(args):
@@ -55,6 +59,9 @@ def _resolve_config(args):
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
+        "generator_url": args.generator_url,
+        "generator_model": args.generator_model,
+        "generator_concurrency": args.generator_concurrency,
     }
     return load_config(args.preset, args.config, overrides)
 
@@ -189,6 +196,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from prism.serve.runner import serve
+
+    serve(args.run_dir, args.host, args.port, args.api_key, upstream=args.upstream, upstream_base=args.upstream_base,
+          upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+          context_length=args.context_length)
+    return 0
+
+
+def cmd_export_adapter(args) -> int:
+    from prism.serve.export import export_adapter
+
+    info = export_adapter(args.run_dir, args.out)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +264,27 @@ def _build_parser() -> argparse.ArgumentParser:
     _gen_args(p)
     p.add_argument("--route-every-turn", action="store_true", help="route each turn, not once per conversation")
     p.set_defaults(fn=cmd_chat, quiet=True)
+
+    p = sub.add_parser("serve", help="serve a finished run over an OpenAI-compatible HTTP API")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PRISM_API_KEY)")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, help="waiting requests before 503 answers (default 64)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 2048)")
+    p.add_argument("--context-length", type=int, help="prompt + max_tokens limit (default: the model's)")
+    p.add_argument("--upstream", help="router mode: gate here, generate on this OpenAI-compatible server "
+                                      "(vLLM with --enable-lora)")
+    p.add_argument("--upstream-base", help="the upstream's base model name (default: the adapter's parent)")
+    p.add_argument("--upstream-adapter", default="prism-adapter", help="the upstream's name for the LoRA")
+    p.add_argument("--upstream-api-key", help="key for the upstream (or set PRISM_UPSTREAM_API_KEY)")
+    p.set_defaults(fn=cmd_serve, quiet=False)
+
+    p = sub.add_parser("export-adapter", help="write the run's LoRA in a form vLLM and SGLang load")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--out", required=True, help="directory for the exported adapter")
+    p.set_defaults(fn=cmd_export_adapter, quiet=True)
     return parser
 
 
@@ -247,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     from prism.models import ModelLoadError
     from prism.personas import PersonaError
     from prism.run import RunError
+    from prism.serve.openai_backend import GeneratorError
 
     args = _build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
         return args.fn(args)
-    except (ConfigError, ModelLoadError, PersonaError, RunError, ValueError) as e:
+    except (ConfigError, ModelLoadError, PersonaError, RunError, GeneratorError, ValueError) as e:
         print(f"prism: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

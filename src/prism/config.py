@@ -115,6 +115,11 @@ class PrismConfig(_Section):
     placement: Placement = "system"
     seed: int = 0
     batch_size: int = Field(16, ge=1)
+    # Stages 1-3 may generate on an OpenAI-compatible server (vLLM, SGLang, `prism serve`) serving
+    # the same model; None = generate locally. Speed settings: a run may resume with other values.
+    generator_url: str | None = None
+    generator_model: str | None = None  # the server's name for the model; None = its first model
+    generator_concurrency: int = Field(16, ge=1)  # requests in flight to the server
     queries: QueryConfig = QueryConfig()
     answers: AnswerConfig = AnswerConfig()
     judge: JudgeConfig = JudgeConfig()

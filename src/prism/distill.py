@@ -85,7 +85,7 @@ def build_example(model, key: str, query: str, response: str, persona: str, plac
     tok = model.tokenizer
     teacher_prompt = tok(model.user_prompt(query, persona, placement), add_special_tokens=False)["input_ids"]
     student_prompt = tok(model.user_prompt(query), add_special_tokens=False)["input_ids"]
-    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    resp = tok(response, add_special_tokens=False)["input_ids"] + [model.end_of_turn_id]
     room = max_seq_len - max(len(teacher_prompt), len(student_prompt))
     if room < 2:
         raise ValueError(f"{key}: the prompt alone is longer than distill.max_seq_len={max_seq_len}")

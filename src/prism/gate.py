@@ -153,7 +153,7 @@ def train_gate(
     pos_weight = ((len(yt) - yt.sum()) / yt.sum().clamp(min=1)).detach()  # class balance
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    best, best_state, bad = float("inf"), None, 0
+    best, best_state, bad, best_epoch = float("inf"), None, 0, 0
     for epoch in range(max_epochs):
         gate.train()
         opt.zero_grad()
@@ -171,12 +171,16 @@ def train_gate(
             bad += 1
             if bad >= patience:
                 break
+    if best_state is None:
+        raise ValueError("gate training diverged (the held-out loss was never finite); check the features")
     gate.load_state_dict(best_state)
     gate.eval()
     sv = gate.score(xv)
-    candidates = sorted({0.5, *[round(float(t), 4) for t in sv]})
+    ordered = sorted({float(t) for t in sv})
+    # Thresholds halfway between neighbouring held-out scores, so rounding cannot flip an example.
+    candidates = sorted({0.5, *[(a + b) / 2 for a, b in zip(ordered, ordered[1:])]})
     threshold = max(candidates, key=lambda t: (balanced_accuracy((sv >= t).long(), yv.long()), -abs(t - 0.5)))
-    spec.threshold = float(threshold)
+    spec.threshold = round(float(threshold), 6)
     st = gate.score(xt)
     spec.metrics = {
         "n": n, "positives": n_pos, "train": len(train_idx), "holdout": len(test_idx), "best_epoch": best_epoch,

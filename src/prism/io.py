@@ -49,7 +49,9 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         for row in rows:
-            os.write(fd, (json.dumps(row, ensure_ascii=False) + "\n").encode())
+            data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+            while data:  # a short write must not leave half a line behind
+                data = data[os.write(fd, data):]
             n += 1
         os.fsync(fd)
     finally:

@@ -191,14 +191,10 @@ def make_judge(kind: str, model: ChatModel, margin: float = 0.0, program: str | 
 
 
 def _letter_ids(model: ChatModel, letter: str) -> list[int]:
-    ids = set()
-    for variant in (letter, " " + letter):
-        toks = model.token_ids(variant)
-        if len(toks) == 1:
-            ids.add(toks[0])
+    ids = model.variant_ids(letter)
     if not ids:
         raise ValueError(f"{model.name}: the letter {letter!r} is not a single token")
-    return sorted(ids)
+    return ids
 
 
 @dataclass
@@ -207,8 +203,8 @@ class JudgeCheck:
 
     judge: str
     pairs: int
-    accuracy: float  # share of the 2*pairs judgments (both orders) that prefer the right answer
-    ci95: tuple[float, float]
+    accuracy: float  # share of judgments (both orders) that prefer the right answer
+    ci95: tuple[float, float]  # over pairs: the two orders of a pair are not independent
     position_bias: float
     consistency: float  # share of pairs whose two verdicts agree
     passed: bool
@@ -233,7 +229,7 @@ def mismatched_pairs(items: Sequence[tuple[str, str, str]], n: int, seed: int) -
     return out
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)
     p = k / n
@@ -252,12 +248,12 @@ def check_judge(judge: Judge, triples: Sequence[Triple], progress=None) -> Judge
         judge.bias = (sum(forward) + sum(swapped)) / (2 * len(triples))
     lf = [judge.letter(s) for s in forward]
     ls = [judge.letter(s) for s in swapped]
-    correct = sum(x == "A" for x in lf) + sum(x == "B" for x in ls)
-    n = 2 * len(triples)
+    credit = [((f == "A") + (s == "B")) / 2 for f, s in zip(lf, ls)]  # per pair: 0, 0.5 or 1
+    n = len(triples)
     consistent = sum((f == "A" and s == "B") or (f == "B" and s == "A") or (f == s == "TIE") for f, s in zip(lf, ls))
-    lo, hi = wilson(correct, n)
+    lo, hi = wilson(sum(credit), n)
     return JudgeCheck(
-        judge=judge.name, pairs=len(triples), accuracy=correct / n if n else float("nan"),
+        judge=judge.name, pairs=n, accuracy=sum(credit) / n if n else float("nan"),
         ci95=(round(lo, 4), round(hi, 4)), position_bias=round(judge.bias, 4),
-        consistency=consistent / len(triples) if triples else float("nan"), passed=bool(n) and lo > 0.5,
+        consistency=consistent / n if n else float("nan"), passed=bool(n) and lo > 0.5,
     )

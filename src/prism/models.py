@@ -108,6 +108,8 @@ def resolve_device(name: str) -> torch.device:
         raise ModelLoadError(f"unknown device {name!r}; choose one of auto, cpu, cuda, mps")
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # `accelerate launch`: one GPU per process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if name == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError("device 'mps' was asked for but MPS is not available")
     return torch.device(name)
@@ -135,6 +137,11 @@ class ChatModel:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.supports_system_role = _template_has_system_role(tokenizer)
+        self.end_of_turn_id = _end_of_turn_id(tokenizer)
+        # Stop on the model's own end tokens too (e.g. Gemma's <end_of_turn>, Llama-3's <|eot_id|>).
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self.stop_ids = sorted({t for t in [tokenizer.eos_token_id, self.end_of_turn_id, *gen_eos] if t is not None})
         self.tokens_generated = 0
         self._placement_warned = False
 
@@ -202,7 +209,7 @@ class ChatModel:
         """Generate one continuation per prompt, batched, longest prompts grouped together."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[Generation | None] = [None] * len(prompts)
-        eos = [self.tokenizer.eos_token_id]
+        eos = self.stop_ids
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             enc = self._encode([prompts[i] for i in idx])
@@ -298,6 +305,15 @@ class ChatModel:
                 progress.update(enc["input_ids"].shape[0])
         return torch.cat(rows) if rows else torch.empty(0)
 
+    def variant_ids(self, text: str) -> list[int]:
+        """Single tokens that spell `text` as a next token: alone, after a space, or after other
+        text (SentencePiece vocabularies encode a bare "1" as two pieces). Empty if none."""
+        ids = {t[0] for t in (self.token_ids(text), self.token_ids(" " + text)) if len(t) == 1}
+        tail = self.token_ids("[[" + text)
+        if tail and self.tokenizer.decode([tail[-1]]).strip() == text:
+            ids.add(tail[-1])
+        return sorted(ids)
+
     def token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -349,6 +365,19 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"unknown pooling {pooling!r}; choose mean or last")
 
 
+def _end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template puts right after an assistant message."""
+    marker = "PRISM-END-PROBE"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:
+        return tokenizer.eos_token_id
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after.strip() else []
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
 def _template_has_system_role(tokenizer) -> bool:
     msgs = [{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "hi"}]
     try:
@@ -386,8 +415,10 @@ def load_model(
         if local.is_dir():
             if not (local / "config.json").is_file():
                 raise ModelLoadError(f"model directory {model} has no config.json: not a Hugging Face model folder")
+            # Hashing multi-GB weights is slow: their names and sizes identify them well enough.
             source = {"id": str(local.resolve()), "kind": "local", "revision": None,
-                      "config_sha256": _sha256(local / "config.json")}
+                      "config_sha256": _sha256(local / "config.json"),
+                      "weights": {p.name: p.stat().st_size for p in sorted(local.glob("*.safetensors"))}}
             where = str(local)
         else:
             source = {"id": model, "kind": "hub", "revision": revision}

@@ -10,7 +10,7 @@ from typing import Callable
 from prism.config import STAGES, PrismConfig
 from prism.models import ChatModel, load_model
 from prism.personas import PersonaRegistry
-from prism.run import RunDir
+from prism.run import RunDir, RunError, world_size
 from prism.stages.answers import run_answers
 from prism.stages.context import StageContext
 from prism.stages.queries import run_queries
@@ -67,10 +67,23 @@ def run_pipeline(
     if not pending:
         log.info("%s: every stage up to %s is done; nothing to do", run.path, until)
         return run
+    if world_size() > 1 and pending != ["distill"]:
+        raise RunError(f"{world_size()} processes can only share stage 5 (distill); run stages 1-4 first with "
+                       f"`prism run --until gate --out {run.path}`, then `accelerate launch` the same command")
     if model is None:
         model = model_from_config(config)
+    old = run.manifest.get("model")
+    if old and old != model.source:  # e.g. a new hub revision, or other local weights
+        raise RunError(f"{run.path} was started with model {old}, not {model.source}; choose a new --out")
     run.manifest["model"] = model.source
     run.save()
+    if config.generator_url and {"queries", "answers", "verdicts"} & set(pending):
+        # stages 1-3 generate on a remote server; judging by scores, the gate and distillation stay local
+        from prism.serve.openai_backend import OpenAIGenerator, RemoteGenerationModel
+
+        model = RemoteGenerationModel(model, OpenAIGenerator(
+            config.generator_url, config.generator_model, concurrency=config.generator_concurrency))
+        log.info("generating on %s (model %s)", config.generator_url, model.generator.model)
     ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
     for stage in pending:
         log.info("stage %s ...", stage)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Route:
     adapter: bool
-    score: float
+    score: float | None  # None when the route was forced
     threshold: float
     forced: bool = False
 
@@ -96,8 +96,11 @@ class PrismModel:
 
     def route(self, conversations: Sequence[Sequence[dict]]) -> list[Route]:
         """The gate's decision for each conversation, from one layer-0 pass over all of them."""
-        prompts = [self.routing_prompt(c) for c in conversations]
-        feats = self.model.layer1_states(prompts, pooling=self.gate.spec.pooling)
+        return self.route_prompts([self.routing_prompt(c) for c in conversations])
+
+    def route_prompts(self, prompts: Sequence[str]) -> list[Route]:
+        """The gate's decision for already-formatted routing prompts (e.g. a raw completion prompt)."""
+        feats = self.model.layer1_states(list(prompts), pooling=self.gate.spec.pooling)
         on, scores = self.gate.decide(feats)
         return [Route(bool(o), round(float(s), 4), self.gate.spec.threshold) for o, s in zip(on, scores)]
 
@@ -131,7 +134,7 @@ class PrismModel:
         if single:
             return [self._chat_single_pass(prompts[0], max_new_tokens, temperature, top_p, seed)]
         if adapter is not None:
-            routes = [Route(adapter, float("nan"), self.gate.spec.threshold, forced=True) for _ in conversations]
+            routes = [Route(adapter, None, self.gate.spec.threshold, forced=True) for _ in conversations]
         else:
             routes = self.route(conversations)
         replies: list[ChatReply | None] = [None] * len(conversations)

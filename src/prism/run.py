@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,20 @@ from prism.io import atomic_write_json
 MANIFEST = "manifest.json"
 FILES = {"queries": "queries.jsonl", "answers": "answers.jsonl", "verdicts": "verdicts.jsonl"}
 # Settings that change speed, not results: a run may resume with different values.
-RUNTIME_KEYS = ("batch_size", "device")
+RUNTIME_KEYS = ("batch_size", "device", "generator_url", "generator_model", "generator_concurrency")
 
 
 class RunError(RuntimeError):
     """The run directory cannot be used as asked."""
+
+
+def world_size() -> int:
+    """Processes started by `accelerate launch` / torchrun (1 when run plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _now() -> str:
@@ -79,8 +89,9 @@ class RunDir:
                     f"{self.path} was started with different settings ({'; '.join(diffs[:6])}); "
                     "resume it with the same settings or choose a new --out"
                 )
-            if self.manifest.get("personas", {}) != personas:
-                changed = sorted(set(self.manifest.get("personas", {})) ^ set(personas)) or sorted(personas)
+            old_p = self.manifest.get("personas", {})
+            if old_p != personas:
+                changed = sorted(n for n in set(old_p) | set(personas) if old_p.get(n) != personas.get(n))
                 raise RunError(f"{self.path}: the persona texts changed since the run started ({changed[:5]})")
             if self.manifest["config"] != config.to_dict():  # runtime keys may change
                 self.manifest["config"] = config.to_dict()
@@ -99,6 +110,8 @@ class RunDir:
         self.save()
 
     def save(self) -> None:
+        if not is_main_process():  # under `accelerate launch`, rank 0 alone writes the manifest
+            return
         atomic_write_json(self.manifest_path, self.manifest)
 
     def status(self, stage: str) -> str:

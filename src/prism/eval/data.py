@@ -69,14 +69,15 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def stratified(items: list[Item], limit: int | None, seed: int) -> list[Item]:
-    """At most `limit` items, spread as evenly as possible over categories, in a fixed order."""
+def stratified(items: list[Item], limit: int | None, seed: int, by: str = "category") -> list[Item]:
+    """At most `limit` items, spread as evenly as possible over `by` (category or subject),
+    in a fixed order."""
     if limit is None or limit >= len(items):
         return items
     rng = random.Random(seed)
     groups: dict[str, list[Item]] = {}
     for it in items:
-        groups.setdefault(it.category, []).append(it)
+        groups.setdefault(getattr(it, by) or "", []).append(it)
     for g in groups.values():
         rng.shuffle(g)
     picked: list[Item] = []
@@ -129,13 +130,8 @@ def load_mmlu(directory, limit: int | None = None, seed: int = 0, split: str = "
             raise DataError(f"mmlu_subset_{split}.jsonl row {i + 1}: needs 4 choices and an answer 0-3")
         items.append(Item(f"mmlu-{split}-{i}", "mmlu", table[subject], [r["question"]], choices=list(r["choices"]),
                           answer=int(r["answer"]), subject=subject))
-    if limit is None:
-        return items
     # Stratify by subject so every subject (and so every super-category) is represented.
-    by_subject = [Item(it.id, it.benchmark, it.subject or "", it.turns, it.choices, it.answer, subject=it.subject)
-                  for it in items]
-    keep = {it.id for it in stratified(by_subject, limit, seed)}
-    return [it for it in items if it.id in keep]
+    return stratified(items, limit, seed, by="subject")
 
 
 def load_harmbench(directory, limit: int | None = None, seed: int = 0) -> list[Item]:
@@ -145,8 +141,9 @@ def load_harmbench(directory, limit: int | None = None, seed: int = 0) -> list[I
             text = r["Behavior"]
             if r.get("ContextString"):
                 text = f"{r['ContextString']}\n\n---\n\n{text}"  # context goes before the request
-            items.append(Item(f"hb-{r['BehaviorID']}", "harmbench", r["FunctionalCategory"] or "standard", [text]))
-    return stratified(items, limit, seed)
+            items.append(Item(f"hb-{r['BehaviorID']}", "harmbench", "harmbench", [text],
+                              subject=r["FunctionalCategory"] or "standard"))
+    return stratified(items, limit, seed, by="subject")  # standard / contextual / copyright
 
 
 def _string_list(directory, name: str, bench: str, prefix: str, limit, seed) -> list[Item]:

@@ -130,6 +130,7 @@ class Evaluator:
             t2 = self.generate(system, items, c2, 2, self.s.mt_max_new_tokens, routes, "mt-bench turn 2")
             answers_t1[system] = t1
             per_system[system] = {"items": items, "t1": t1, "t2": t2}
+        self._base_model_state()  # the self-judge is the untouched base model
         sanity = self._judge_sanity(judge, items, answers_t1)
         results = {}
         for system, d in per_system.items():
@@ -137,6 +138,10 @@ class Evaluator:
             results[system] = {"item_ids": [it.id for it in items], "categories": [it.category for it in items],
                                "scores": scores, "routes": [g["route"] for g in d["t1"]]}
         return {"judge": judge.name, "judge_sanity": sanity, "systems": results}
+
+    def _base_model_state(self) -> None:
+        if self.sys.prism is not None:
+            self.sys.prism.set_adapter(False)
 
     def _rating_judge(self):
         from prism.eval.judges import HttpRatingJudge, ModelRatingJudge
@@ -227,8 +232,7 @@ class Evaluator:
             from prism.eval.judges import ModelRefusalJudge
 
             judge = ModelRefusalJudge(self.sys.model)
-            if self.sys.prism is not None:
-                self.sys.prism.set_adapter(False)
+            self._base_model_state()
             return [float(x) for x in judge([it.turns[0] for it in items], [g["text"] for g in gens])]
         return [float(is_refusal(g["text"])) for g in gens]
 

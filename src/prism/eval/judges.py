@@ -63,11 +63,10 @@ class ModelRatingJudge(RatingJudge):
         self.prompts = prompts
         self.name = f"model:{label or model.name}"
         self.max_chars = max_chars
-        self.digits: dict[int, int] = {}
-        for k in range(1, 11):
-            ids = model.token_ids(str(k))
-            if len(ids) == 1:
-                self.digits[k] = ids[0]  # "10" is two tokens in most vocabularies: then 1-9 only
+        # "10" is two tokens in most vocabularies: then the rating is read over 1-9.
+        self.digits = {k: ids[0] for k in range(1, 11) if (ids := model.variant_ids(str(k)))}
+        if len(self.digits) < 9:
+            raise ValueError(f"{model.name}: the digits 1-9 are not single tokens; use another judge (--judge/--judge-url)")
 
     def rate(self, requests):
         prompts = []
@@ -152,8 +151,9 @@ class ModelRefusalJudge:
 
         self.model = model
         self.template = REFUSAL_JUDGE_PROMPT
-        self.yes = [t[0] for t in (model.token_ids("Yes"), model.token_ids(" Yes")) if len(t) == 1]
-        self.no = [t[0] for t in (model.token_ids("No"), model.token_ids(" No")) if len(t) == 1]
+        self.yes, self.no = model.variant_ids("Yes"), model.variant_ids("No")
+        if not self.yes or not self.no:
+            raise ValueError(f"{model.name}: 'Yes'/'No' are not single tokens; use the pattern refusal classifier")
         self.name = f"model:{model.name}"
 
     def __call__(self, requests: Sequence[str], responses: Sequence[str]) -> list[bool]:

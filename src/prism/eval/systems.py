@@ -125,10 +125,10 @@ class Systems:
 
 
 def _letter_ids(model: ChatModel, letter: str) -> list[int]:
-    ids = {t[0] for t in (model.token_ids(" " + letter), model.token_ids(letter)) if len(t) == 1}
+    ids = model.variant_ids(letter)
     if not ids:
         raise ValueError(f"{model.name}: the letter {letter!r} is not a single token")
-    return sorted(ids)
+    return ids
 
 
 def predicted_letter(logprobs: Sequence[float]) -> int:

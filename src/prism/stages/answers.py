@@ -23,7 +23,7 @@ def run_answers(ctx: StageContext) -> dict:
             ctx.model.user_prompt(q.text, ctx.persona_text(ctx.persona_by_name(q.persona)), ctx.config.placement)
             for q in part
         ]
-        seed = ctx.config.seed * 100_003 + 7_919 + len(done) + start
+        seed = ctx.config.seed * 100_003 + 7_919 + (len(done) + start) * 1_000  # disjoint per chunk
         gens = ctx.model.generate(base_prompts + persona_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                   seed=seed)
         base, pers = gens[: len(part)], gens[len(part) :]

@@ -75,12 +75,14 @@ def run_distill(ctx: StageContext) -> dict:
 
     # 1. The teacher's top-k logits, computed once with the persona in context.
     cache_path = out / "teacher_topk.safetensors"
-    if examples and not cache_path.is_file():
-        bar = ctx.progress(total=len(examples), desc="stage 5/5 teacher logits")
-        cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature, progress=bar)
-        bar.close()
-        if accelerator.is_main_process:
+    if examples:
+        if accelerator.is_main_process and not cache_path.is_file():  # one process computes, all read
+            bar = ctx.progress(total=len(examples), desc="stage 5/5 teacher logits")
+            cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature,
+                                 progress=bar)
+            bar.close()
             save_tensors(cache_path, cache)
+        accelerator.wait_for_everyone()  # the others read the cache only once it is complete
     cache = load_file(str(cache_path)) if examples else {}
 
     peft_model = get_peft_model(base, lora_config(n_layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
@@ -120,6 +122,9 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
     peft_model, opt, loader, sched = accelerator.prepare(peft_model, opt, loader, sched)
 
     ckpt = out / "checkpoint"
+    old = out / "checkpoint.old"
+    if not (ckpt / "trainer_state.json").is_file() and (old / "trainer_state.json").is_file():
+        old.rename(ckpt)  # killed between the two renames of a checkpoint swap
     start_epoch, step = 0, 0
     if (ckpt / "trainer_state.json").is_file():
         set_state(accelerator.unwrap_model(peft_model), load_file(str(ckpt / "adapter.safetensors")))
@@ -156,7 +161,6 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
         row = {"epoch": epoch + 1, "step": step, "loss": round(epoch_loss / max(1, n_batches), 5),
                "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
         if accelerator.is_main_process:
-            append_jsonl(losses_path, [row])
             tmp = out / "checkpoint.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -164,12 +168,17 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
                          {k_: v.detach().cpu().contiguous()
                           for k_, v in get_state(accelerator.unwrap_model(peft_model)).items()})
             save_optimizer(opt, sched, tmp, {"epochs_done": epoch + 1, "step": step})
-            shutil.rmtree(ckpt, ignore_errors=True)
+            # Swap so that a complete checkpoint exists at every moment.
+            shutil.rmtree(old, ignore_errors=True)
+            if ckpt.exists():
+                ckpt.rename(old)
             tmp.rename(ckpt)
+            shutil.rmtree(old, ignore_errors=True)
+            append_jsonl(losses_path, [row])  # after the checkpoint: a resumed epoch is not logged twice
         log.info("stage 5: epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, row["loss"])
     bar.close()
     kl_final = mean_kl(peft_model, examples, cache, pad_id, k, temp, ctx.model.batch_size)
-    losses = read_jsonl(losses_path)
+    losses = list({r["epoch"]: r for r in read_jsonl(losses_path)}.values())  # last row per epoch
     facts = {"examples": len(examples), "trained": True, "kl_initial": round(kl_initial, 5),
              "kl_final": round(kl_final, 5), "epochs": cfg.epochs, "steps": step,
              "epoch_losses": [r["loss"] for r in losses]}

@@ -102,7 +102,7 @@ def run_queries(ctx: StageContext) -> dict:
             k = target - have[p.name] + 1 + round_no
             prompts += [query_prompt(ctx, p)] * k
             owners += [p.name] * k
-        seed = ctx.config.seed * 100_003 + len(rows) * 101 + round_no
+        seed = ctx.config.seed * 100_003 + (len(rows) * 101 + round_no) * 10_000  # disjoint per round
         gens = ctx.model.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed)
         new_rows = []
         for p in needy:
