@@ -8,6 +8,11 @@ serve the routed model. The public API:
 
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# PEFT still calls a transformers API deprecated in v5; the warning is noise for our users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 from prism.config import PrismConfig, load_config  # noqa: E402
 from prism.personas import Persona, PersonaRegistry  # noqa: E402
 

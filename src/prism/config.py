@@ -160,6 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tiny settings for tests: minutes on the embedded model.
     "micro": {
         "personas": ["math", "writing"],
+        "persona_length": "minimal",  # keeps teacher prompts inside the short max_seq_len
         "queries": {"n_per_persona": 3, "max_new_tokens": 32, "max_rounds": 4},
         "answers": {"max_new_tokens": 24},
         "judge": {"kind": "likelihood", "sanity_pairs": 4},

@@ -324,11 +324,19 @@ class _StopForward(Exception):
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The stack of decoder layers of a causal LM (plain or wrapped by PEFT)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        return layers
+    config = getattr(inner, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text_config, "num_hidden_layers", None)
+    for module in inner.modules():  # fall back to the only ModuleList of the right depth
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
             return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+    raise ValueError(f"cannot find the decoder layers of {type(inner).__name__}: PRISM's gate reads the output "
+                     "of the first decoder layer, so the model needs a `get_decoder().layers` stack")
 
 
 def _layer_output(output):

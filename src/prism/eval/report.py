@@ -79,7 +79,7 @@ def plots(results: dict, out: Path) -> list[str]:
     systems = results["systems"]
     subs = sorted({k for r in systems.values() for k in r["subscores"]})
     if subs:
-        fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(subs) * len(systems) / 2), 4.8))
+        fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(subs) + 2), 5.0))
         width = 0.8 / max(1, len(systems))
         for j, (name, r) in enumerate(systems.items()):
             xs, ys, lo, hi = [], [], [], []
@@ -109,7 +109,8 @@ def plots(results: dict, out: Path) -> list[str]:
         ys = [routing["persona_effect"][n] for n in names]
         ax.scatter(xs, ys)
         for n, x, y in zip(names, xs, ys):
-            ax.annotate(n.split("/")[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            label = n.replace("mtbench/", "mt:").replace("mmlu/", "mmlu:").replace("safety/", "").replace("xstest/", "")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("share of items routed to the adapter (PRISM)")
         ax.set_ylabel("persona effect vs base (points)")

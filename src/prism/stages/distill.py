@@ -33,11 +33,18 @@ def distill_examples(ctx: StageContext):
     labels = {r["query_id"]: r["label"] for r in read_jsonl(ctx.run.file("verdicts"))}
     answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.file("answers"))]
     chosen = [a for a in answers if labels.get(a.query_id) == 1]
-    return [
-        build_example(ctx.model, a.query_id, a.query, a.answer_persona,
-                      ctx.persona_text(ctx.persona_by_name(a.persona)), ctx.config.placement, cfg.max_seq_len)
-        for a in chosen
-    ]
+    examples, too_long = [], []
+    for a in chosen:
+        try:
+            examples.append(build_example(ctx.model, a.query_id, a.query, a.answer_persona,
+                                          ctx.persona_text(ctx.persona_by_name(a.persona)), ctx.config.placement,
+                                          cfg.max_seq_len))
+        except ValueError:
+            too_long.append(a.query_id)
+    if too_long:
+        log.warning("stage 5: %d examples skipped, their persona prompt alone exceeds distill.max_seq_len=%d "
+                    "(raise it): %s", len(too_long), cfg.max_seq_len, too_long[:5])
+    return examples
 
 
 @torch.no_grad()

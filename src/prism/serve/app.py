@@ -1,0 +1,185 @@
+"""The local server: a finished run behind an OpenAI-compatible API.
+
+Endpoints: POST /v1/chat/completions and /v1/completions (plain or SSE streaming), GET
+/v1/models and /health. The model id picks the route: `prism` lets the gate decide,
+`prism-base` and `prism-adapter` force it. Every reply carries the route (`prism` field and
+`x-prism-route` header) and its token usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from prism.routed import PrismModel, Route
+from prism.serve import protocol as P
+from prism.serve.batcher import Batcher, Job, QueueFull
+from prism.serve.decode import Sampling
+
+
+@dataclass
+class ServeOptions:
+    api_key: str | None = None  # None: no key needed (the server binds to loopback by default)
+    max_batch: int = 16  # requests decoded together
+    max_queue: int = 64  # waiting requests beyond this get 503
+    batch_wait: float = 0.01  # seconds an idle worker waits for more requests to batch
+    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256
+    context_length: int | None = None  # prompt + max_tokens limit; default: the model's
+    max_body_bytes: int = 1 << 20
+
+
+def model_context_length(chat_model) -> int:
+    return int(getattr(chat_model.model.config, "max_position_embeddings", None) or 2048)
+
+
+def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAPI:
+    opts = options or ServeOptions()
+    batcher = Batcher(prism, opts.max_batch, opts.max_queue, opts.batch_wait)
+    context = opts.context_length or model_context_length(prism.model)
+    created = int(time.time())
+    counter = P.PromptCounter(prism.model.tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="prism", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+    P.install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if batcher.alive else "down", "mode": "local", "model": prism.model.name,
+                "run_dir": str(prism.run_dir) if prism.run_dir else None, "context_length": context,
+                "queue": {"waiting": batcher.queue.qsize(), "capacity": opts.max_queue},
+                "max_batch": opts.max_batch, "stats": dict(batcher.stats)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        P.check_api_key(request, opts.api_key)
+        return P.models_list(prism.model.name, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        P.check_api_key(request, opts.api_key)
+        req = P.parse(P.ChatRequest, await P.read_json(request, opts.max_body_bytes))
+        forced = P.check_model(req.model)
+        messages = req.plain_messages()
+        try:
+            prompt = prism.model.prompt(messages)
+        except Exception as e:  # e.g. a template that insists on alternating roles
+            raise P.ApiError(400, f"the chat template cannot format these messages: {_first_line(e)}",
+                             param="messages") from None
+        routing = prism.routing_prompt(messages) if forced is None else None
+        job, prompt_tokens, info = await _start(req, prompt, forced, routing)
+        rid = P.new_id("chatcmpl")
+        if req.stream:
+            return _stream(job, req, rid, prompt_tokens, info, chat=True)
+        text, reason, n = await _collect(job)
+        body = P.chat_body(rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
+        return JSONResponse(body, headers=P.route_headers(info))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """Raw prompts, already formatted: what the pipeline's generator backend sends."""
+        P.check_api_key(request, opts.api_key)
+        req = P.parse(P.CompletionRequest, await P.read_json(request, opts.max_body_bytes))
+        forced = P.check_model(req.model)
+        job, prompt_tokens, info = await _start(req, req.prompt, forced, req.prompt if forced is None else None)
+        rid = P.new_id("cmpl")
+        if req.stream:
+            return _stream(job, req, rid, prompt_tokens, info, chat=False)
+        text, reason, n = await _collect(job)
+        body = P.completion_body(rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
+        return JSONResponse(body, headers=P.route_headers(info))
+
+    async def _start(req: P.SamplingFields, prompt: str, forced: bool | None, routing: str | None):
+        """Check the size, queue the request and wait until it is routed."""
+        ids = counter.ids(prompt)
+        max_tokens = P.resolve_max_tokens(req, len(ids), context, opts.max_tokens_limit, opts.default_max_tokens)
+        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
+        job = Job(ids, sampling, forced, routing, asyncio.get_running_loop())
+        try:
+            batcher.submit(job)
+        except QueueFull:
+            raise P.ApiError(503, "the server is busy (request queue full); retry shortly", "server_overloaded",
+                             code="queue_full", headers={"retry-after": "1"}) from None
+        try:
+            kind, payload = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if kind == "error":
+            raise P.ApiError(500, payload, "server_error")
+        route: Route = payload
+        return job, len(ids), P.route_info(route.adapter, route.score, route.threshold, route.forced)
+
+    return app
+
+
+async def _collect(job: Job) -> tuple[str, str, int]:
+    parts = []
+    try:
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "delta":
+                parts.append(payload)
+            elif kind == "done":
+                return "".join(parts), payload[0], payload[1]
+            elif kind == "error":
+                raise P.ApiError(500, payload, "server_error")
+    finally:
+        if not job.finished:  # the client went away: free the batch slot
+            job.cancelled = True
+
+
+def _stream(job: Job, req: P.SamplingFields, rid: str, prompt_tokens: int, info: dict, chat: bool):
+    created = int(time.time())
+    chunk = P.chat_chunk if chat else P.completion_chunk
+
+    def delta(text: str) -> bytes:
+        return P.sse(chunk(rid, req.model, created, info, {"content": text} if chat else text))
+
+    def final(reason: str, use: dict) -> bytes:
+        return P.sse(chunk(rid, req.model, created, info, {} if chat else "", reason, use))
+
+    def usage_only(use: dict) -> bytes:  # OpenAI's separate usage chunk: no choices
+        return P.sse(chunk(rid, req.model, created, info, None, None, use))
+
+    async def events():
+        try:
+            if chat:  # OpenAI streams open with the role
+                yield P.sse(chunk(rid, req.model, created, info, {"role": "assistant", "content": ""}))
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "delta":
+                    yield delta(payload)
+                elif kind == "done":
+                    reason, n = payload
+                    use = P.usage(prompt_tokens, n)
+                    yield final(reason, use)  # the final chunk always carries the usage
+                    if req.include_usage_chunk():
+                        yield usage_only(use)
+                    yield P.SSE_DONE
+                    return
+                else:  # an error after the stream began: say so in the stream, then end it
+                    yield P.sse(P.error_body(payload, "server_error"))
+                    return
+        finally:
+            if not job.finished:  # client disconnected mid-stream: stop generating for it
+                job.cancelled = True
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**P.route_headers(info), "cache-control": "no-cache"})
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]

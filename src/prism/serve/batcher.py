@@ -1,0 +1,141 @@
+"""The request queue and the generation worker of the local server.
+
+Requests wait in a bounded queue; when it is full, `submit` refuses at once (the server answers
+503) instead of letting the backlog and every client's latency grow without limit. One worker
+thread owns the model: it takes up to `max_batch` queued requests (waiting `batch_wait` seconds
+for company when the queue is short), routes all of them with one layer-0 pass of the gate, then
+decodes the adapter-on group and the adapter-off group as one batch each (the adapter is a switch
+on the whole model, so the two routes cannot share a forward pass). Results travel back to the
+asyncio side of the server as events on each request's own queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from prism.routed import PrismModel, Route
+from prism.serve.decode import Row, Sampling, decode_batch
+
+log = logging.getLogger("prism.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request in flight. Events for the client: ("route", Route), ("delta", str),
+    ("done", (finish_reason, completion_tokens)), ("error", message)."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    adapter: bool | None  # None: the gate decides from `routing_prompt`
+    routing_prompt: str | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    finished: bool = False
+
+    def send(self, kind: str, payload) -> None:
+        if kind in ("done", "error"):
+            self.finished = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancelled = True
+
+
+class Batcher:
+    def __init__(self, prism: PrismModel, max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.01):
+        self.prism = prism
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.stats = {"requests": 0, "rejected": 0, "batches": 0, "largest_batch": 0, "forward_passes": 0,
+                      "completion_tokens": 0, "errors": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prism-batcher", daemon=True)
+
+    # ----- the asyncio side -----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            self.stats["rejected"] += 1
+            raise QueueFull from None
+        self.stats["requests"] += 1
+
+    # ----- the worker thread ----------------------------------------------------------------
+    def _take_batch(self) -> list[Job]:
+        try:
+            batch = [self.queue.get(timeout=0.1)]  # wake up now and then to notice stop()
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return [j for j in batch if not j.cancelled]  # clients that left while queued
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                self._serve(batch)
+            except Exception:  # one bad batch must not take the server down
+                log.exception("generation failed for a batch of %d", len(batch))
+                self.stats["errors"] += 1
+                for job in batch:
+                    if not job.finished:
+                        job.send("error", "internal error during generation")
+
+    def _serve(self, batch: list[Job]) -> None:
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        gated = [j for j in batch if j.adapter is None]
+        routes: dict[int, Route] = {}
+        if gated:  # one cheap layer-0 pass routes the whole batch
+            for job, route in zip(gated, self.prism.route_prompts([j.routing_prompt for j in gated])):
+                routes[id(job)] = route
+        threshold = self.prism.gate.spec.threshold
+        for job in batch:
+            route = routes.get(id(job)) or Route(bool(job.adapter), float("nan"), threshold, forced=True)
+            routes[id(job)] = route
+            job.send("route", route)
+        self.prism._log([routes[id(j)] for j in batch])
+        for on in (True, False):
+            group = [j for j in batch if routes[id(j)].adapter == on]
+            if not group:
+                continue
+            self.prism.set_adapter(on)
+            rows = [self._row(j) for j in group]
+            self.stats["forward_passes"] += decode_batch(self.prism.model, rows)
+
+    def _row(self, job: Job) -> Row:
+        def finish(reason: str, n: int) -> None:
+            self.stats["completion_tokens"] += n
+            job.send("done", (reason, n))
+
+        return Row(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text), finish=finish,
+                   cancelled=lambda: job.cancelled or self._stop.is_set())  # shutdown ends batches

@@ -1,0 +1,167 @@
+"""Token-by-token batched decoding for the server.
+
+`ChatModel.generate` wraps Hugging Face `generate`, which returns only when the whole batch is
+done and gives every row the same sampling settings. A server needs each request's own
+temperature/top_p/seed/stop/max_tokens, and its text as it is produced (streaming). So this is a
+small decode loop over a left-padded batch with a KV cache: one forward pass per step for the
+whole batch, each row sampled with its own settings, and a row that finishes is dropped from
+the batch (and from the cache) so it costs nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas and finds stop strings.
+
+    Text that could still become a stop string (its last len(stop)-1 characters) or that ends in
+    half a UTF-8 character is held back until the next token settles it, so a client never sees
+    text that the non-streaming reply would not contain.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0  # characters already handed out
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now safe to send (may be '')."""
+        self.ids.append(token_id)
+        text = self._text()
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._take(text[:cut], len(text[:cut]))
+        end = len(text) - self.holdback
+        while end > self.sent and text[end - 1] == "\ufffd":  # incomplete multi-byte character
+            end -= 1
+        return self._take(text, end)
+
+    def flush(self) -> str:
+        """The held-back rest, when the row ends without a stop string."""
+        return "" if self.stopped else self._take(self._text(), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent : end], end
+        return delta
+
+
+@dataclass
+class Row:
+    """One request inside a decode batch, with callbacks to its client."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    emit: Callable[[str], None]  # a text delta
+    finish: Callable[[str, int], None]  # finish_reason ("stop"/"length"/"cancelled"), tokens generated
+    cancelled: Callable[[], bool] = lambda: False
+    n_tokens: int = 0
+    stream: TextStream | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """One token from one row's logits: greedy, or temperature + nucleus (top_p) sampling."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+        sorted_p[outside] = 0.0
+        return int(order[torch.multinomial(sorted_p, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def decode_batch(chat_model, rows: list[Row]) -> int:
+    """Generate for every row until each stops; returns the number of forward passes."""
+    lm, tok = chat_model.model, chat_model.tokenizer
+    dev = chat_model.device
+    stop_ids = set(chat_model.stop_ids)  # eos and the template's end-of-turn token, as in generate()
+    for r in rows:
+        r.stream = TextStream(tok, r.sampling.stop)
+        # A per-request generator: a seeded request samples the same way whatever its batch.
+        r.generator = torch.Generator().manual_seed(
+            r.sampling.seed if r.sampling.seed is not None else random.randrange(2**62))
+
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first real token
+    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    next_pos = positions[:, -1:] + 1
+    active = list(range(len(rows)))  # batch position -> row index
+    passes = 1
+    while True:
+        tokens, keep = [], []
+        for b, i in enumerate(active):
+            r = rows[i]
+            if r.cancelled():
+                r.finish("cancelled", r.n_tokens)
+                continue
+            t = sample(logits[b], r.sampling, r.generator)
+            if t in stop_ids:
+                _end(r, "stop")
+                continue
+            r.n_tokens += 1
+            delta = r.stream.push(t)
+            if delta:
+                r.emit(delta)
+            if r.stream.stopped:
+                _end(r, "stop")
+            elif r.n_tokens >= r.sampling.max_tokens:
+                _end(r, "length")
+            else:
+                tokens.append(t)
+                keep.append(b)
+        if not keep:
+            return passes
+        if len(keep) < len(active):  # drop finished rows: the batch only carries live requests
+            sel = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(sel)
+            mask, next_pos = mask[sel], next_pos[sel]
+            active = [active[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones((len(keep), 1))], dim=1)
+        step_ids = torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(1)
+        out = lm(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                 use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_pos = next_pos + 1
+        passes += 1
+
+
+def _end(r: Row, reason: str) -> None:
+    rest = r.stream.flush()
+    if rest:
+        r.emit(rest)
+    r.finish(reason, r.n_tokens)

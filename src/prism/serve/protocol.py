@@ -1,0 +1,307 @@
+"""The OpenAI wire format shared by the local server and the router: request validation,
+error bodies, API-key checks, response and SSE chunk builders."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("prism.serve")
+
+# Model ids the server answers to: the gated model and the two forced routes.
+MODEL_GATED, MODEL_BASE, MODEL_ADAPTER = "prism", "prism-base", "prism-adapter"
+FORCED = {MODEL_GATED: None, MODEL_BASE: False, MODEL_ADAPTER: True}
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4
+
+
+class ApiError(Exception):
+    """An error the client caused (or an overload); becomes an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI error body; unexpected ones say nothing about internals."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e: StarletteHTTPException):
+        kinds = {404: ("not_found_error", "unknown_url"), 405: ("invalid_request_error", "method_not_allowed")}
+        type_, code = kinds.get(e.status_code, ("invalid_request_error", None))
+        message = "no such endpoint" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(message, type_, None, code), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, e: Exception):
+        log.error("internal error", exc_info=e)  # the trace goes to the server log only
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), api_key.encode()):  # constant time
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                       "authentication_error", code="invalid_api_key")
+
+
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The request body as a JSON object; 413 past `max_bytes`, 400 when it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():  # also bounds bodies sent without a length
+        body += part
+        if len(body) > max_bytes:
+            raise ApiError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+# ----- request models ------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        role = "system" if role == "developer" else role  # newer clients send 'developer'
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        return role
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class SamplingFields(_Strict):
+    model: str = MODEL_GATED
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request: batching happens across requests
+    stream: bool = False
+    stream_options: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
+        return stops
+
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def include_usage_chunk(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage]
+
+    @field_validator("messages")
+    @classmethod
+    def _non_empty(cls, messages):
+        if not messages:
+            raise ValueError("messages must hold at least one message")
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("messages must hold at least one user message")
+        return messages
+
+    def plain_messages(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    max_tokens: int | None = 16  # the OpenAI default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if len(prompts) != 1:
+            raise ValueError("send one prompt per request (the server batches requests)")
+        if not prompts[0]:
+            raise ValueError("the prompt is empty")
+        return prompts[0]
+
+
+def parse(model_cls: type[BaseModel], data: dict):
+    """Validate a request body; the first problem becomes a 400 naming the field."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        raise ApiError(400, f"{where}: {msg}", param=where or None) from None
+
+
+class PromptCounter:
+    """Counts prompt tokens on the request side with its own tokenizer copy: the worker thread
+    changes the padding settings of the model's fast tokenizer while it encodes batches, and a Rust
+    tokenizer used from two threads at once fails ("Already borrowed")."""
+
+    def __init__(self, tokenizer):
+        import copy
+
+        self.tokenizer = copy.deepcopy(tokenizer)
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_model(name: str) -> bool | None:
+    """The forced route of a model id (None = gated); 404 for an unknown id."""
+    if name not in FORCED:
+        raise ApiError(404, f"model {name!r} does not exist; choose one of {', '.join(FORCED)}",
+                       "not_found_error", param="model", code="model_not_found")
+    return FORCED[name]
+
+
+def resolve_max_tokens(req: SamplingFields, prompt_tokens: int, context: int, limit: int, default: int) -> int:
+    """max_tokens checked against the server limit (400) and the context left by the prompt (413)."""
+    asked = req.requested_max_tokens()
+    if asked is not None and not 1 <= asked <= limit:
+        raise ApiError(400, f"max_tokens must be between 1 and {limit}, got {asked}", param="max_tokens")
+    room = context - prompt_tokens
+    if room < 1:
+        raise ApiError(413, f"the prompt has {prompt_tokens} tokens; the context holds {context}",
+                       code="context_length_exceeded", param="messages")
+    if asked is None:
+        return min(default, room)
+    if asked > room:
+        raise ApiError(413, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({asked}) exceeds the "
+                            f"context of {context} tokens", code="context_length_exceeded", param="max_tokens")
+    return asked
+
+
+# ----- responses -------------------------------------------------------------------------------
+def route_info(adapter: bool, score: float | None, threshold: float, forced: bool) -> dict:
+    """The `prism` field of every reply: which route served it and why."""
+    if score is not None and (math.isnan(score) or math.isinf(score)):
+        score = None  # forced routes have no gate score; NaN is not JSON
+    return {"route": "adapter" if adapter else "base", "adapter": adapter, "score": score,
+            "threshold": threshold, "forced": forced}
+
+
+def route_headers(info: dict) -> dict:
+    return {"x-prism-route": info["route"]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def chat_body(rid: str, model: str, text: str, finish: str, use: dict, info: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None}],
+            "usage": use, "prism": info}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str, use: dict, info: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "usage": use, "prism": info}
+
+
+def chat_chunk(rid: str, model: str, created: int, info: dict, delta: dict | None = None,
+               finish: str | None = None, use: dict | None = None) -> dict:
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                   "logprobs": None}],
+             "prism": info}
+    if use is not None:
+        chunk["usage"] = use
+    return chunk
+
+
+def completion_chunk(rid: str, model: str, created: int, info: dict, text: str | None = None,
+                     finish: str | None = None, use: dict | None = None) -> dict:
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [] if text is None else [{"index": 0, "text": text, "finish_reason": finish,
+                                                  "logprobs": None}],
+             "prism": info}
+    if use is not None:
+        chunk["usage"] = use
+    return chunk
+
+
+def models_list(root: str, created: int) -> dict:
+    """The three model ids. The base comes first: a client that takes the first model (like the
+    pipeline's generator backend) gets the plain model; the adapter names its parent, as vLLM does."""
+    def entry(mid, parent=None):
+        return {"id": mid, "object": "model", "created": created, "owned_by": "prism", "root": root,
+                "parent": parent}
+
+    return {"object": "list", "data": [entry(MODEL_BASE), entry(MODEL_ADAPTER, MODEL_BASE), entry(MODEL_GATED)]}

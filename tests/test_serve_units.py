@@ -1,0 +1,107 @@
+"""Server building blocks without a server: request validation, stop strings, the decode loop."""
+
+import pytest
+import torch
+
+from prism.serve import protocol as P
+from prism.serve.decode import Row, Sampling, TextStream, decode_batch, sample
+
+
+def test_request_validation_names_the_field():
+    ok = P.parse(P.ChatRequest, {"model": "prism", "messages": [{"role": "developer", "content": "be brief"},
+                                                                {"role": "user", "content": [
+                                                                    {"type": "text", "text": "hi"}]}],
+                                 "stop": "\n", "unknown_field": 1})
+    assert ok.plain_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert ok.stop_list() == ["\n"]
+    cases = [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ({}, "messages"),
+    ]
+    for body, field in cases:
+        with pytest.raises(P.ApiError) as e:
+            P.parse(P.ChatRequest, body)
+        assert e.value.status == 400 and e.value.message.startswith(field), (body, e.value.message)
+    with pytest.raises(P.ApiError, match="one prompt per request"):
+        P.parse(P.CompletionRequest, {"prompt": ["a", "b"]})
+
+
+def test_max_tokens_against_limit_and_context():
+    req = P.parse(P.ChatRequest, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100})
+    assert P.resolve_max_tokens(req, prompt_tokens=50, context=512, limit=256, default=64) == 100
+    with pytest.raises(P.ApiError) as e:  # prompt + max_tokens over the context
+        P.resolve_max_tokens(req, prompt_tokens=450, context=512, limit=256, default=64)
+    assert e.value.status == 413 and e.value.code == "context_length_exceeded"
+    with pytest.raises(P.ApiError) as e:
+        P.resolve_max_tokens(req, prompt_tokens=50, context=512, limit=99, default=64)
+    assert e.value.status == 400
+    unset = P.parse(P.ChatRequest, {"messages": [{"role": "user", "content": "x"}]})
+    assert P.resolve_max_tokens(unset, prompt_tokens=500, context=512, limit=256, default=64) == 12  # what is left
+    with pytest.raises(P.ApiError) as e:
+        P.resolve_max_tokens(unset, prompt_tokens=512, context=512, limit=256, default=64)
+    assert e.value.status == 413
+
+
+def test_route_info_never_puts_nan_in_json():
+    info = P.route_info(False, float("nan"), 0.5, True)
+    assert info == {"route": "base", "adapter": False, "score": None, "threshold": 0.5, "forced": True}
+
+
+def test_text_stream_holds_back_possible_stop_strings(embedded):
+    tok = embedded.tokenizer
+    ids = tok("Hello there. The END is near", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, stop=["END"])
+    sent = "".join(stream.push(t) for t in ids)
+    assert stream.stopped and sent == "Hello there. The "  # nothing of the stop string leaked
+    plain = TextStream(tok)
+    text = "".join(plain.push(t) for t in ids) + plain.flush()
+    assert text == "Hello there. The END is near" and not plain.stopped
+
+
+def test_top_p_keeps_the_nucleus_only():
+    logits = torch.tensor([5.0, 4.0, -5.0, -6.0])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, Sampling(1, temperature=1.0, top_p=0.5), g) for _ in range(50)}
+    assert draws == {0}  # token 0 alone holds more than half the mass
+    draws = {sample(logits, Sampling(1, temperature=1.0, top_p=1.0), g) for _ in range(200)}
+    assert draws >= {0, 1}
+    assert sample(logits, Sampling(1, temperature=0.0), g) == 0
+
+
+def _rows(model, prompts, sampling, out):
+    rows = []
+    for i, p in enumerate(prompts):
+        out[i] = {"text": "", "reason": None}
+        rows.append(Row(model.token_ids(p), sampling(i),
+                        emit=lambda t, i=i: out[i].__setitem__("text", out[i]["text"] + t),
+                        finish=lambda r, n, i=i: out[i].update(reason=r, n=n)))
+    return rows
+
+
+def test_decode_batch_greedy_matches_hf_generate(embedded):
+    """The server's decode loop (KV cache, left padding, finished rows dropped from the batch)
+    gives the same greedy text as Hugging Face generate, prompt by prompt."""
+    prompts = [embedded.user_prompt(q) for q in
+               ("Say hi.", "Name three colours of the rainbow, please, in a list.", "What is 2+2?")]
+    out: dict = {}
+    decode_batch(embedded, _rows(embedded, prompts, lambda i: Sampling(max_tokens=[4, 14, 9][i], temperature=0), out))
+    for i, p in enumerate(prompts):
+        ref = embedded.generate([p], max_new_tokens=[4, 14, 9][i], temperature=0.0)[0]
+        assert out[i]["text"].strip() == ref.text, i
+        assert out[i]["n"] == ref.n_tokens
+        assert out[i]["reason"] == ("length" if ref.n_tokens == [4, 14, 9][i] else "stop")
+
+
+def test_decode_batch_seeded_sampling_is_reproducible_across_batches(embedded):
+    prompt = embedded.user_prompt("Write a short poem about the sea.")
+    other = embedded.user_prompt("Explain what a compiler does in two sentences.")
+    a, b = {}, {}
+    decode_batch(embedded, _rows(embedded, [prompt], lambda i: Sampling(10, 1.0, 0.9, seed=7), a))
+    decode_batch(embedded, _rows(embedded, [other, prompt], lambda i: Sampling(10, 1.0, 0.9, seed=[3, 7][i]), b))
+    assert a[0]["text"] == b[1]["text"] and a[0]["text"]
