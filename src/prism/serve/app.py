@@ -79,13 +79,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
             raise P.ApiError(400, f"the chat template cannot format these messages: {_first_line(e)}",
                              param="messages") from None
         routing = prism.routing_prompt(messages) if forced is None else None
-        job, prompt_tokens, info = await _start(req, prompt, forced, routing)
-        rid = P.new_id("chatcmpl")
-        if req.stream:
-            return _stream(job, req, rid, prompt_tokens, info, chat=True)
-        text, reason, n = await _collect(job)
-        body = P.chat_body(rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
-        return JSONResponse(body, headers=P.route_headers(info))
+        return await _reply(req, await _start(req, prompt, forced, routing), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -93,12 +87,18 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
         P.check_api_key(request, opts.api_key)
         req = P.parse(P.CompletionRequest, await P.read_json(request, opts.max_body_bytes))
         forced = P.check_model(req.model)
-        job, prompt_tokens, info = await _start(req, req.prompt, forced, req.prompt if forced is None else None)
-        rid = P.new_id("cmpl")
+        return await _reply(req, await _start(req, req.prompt, forced, req.prompt if forced is None else None),
+                            chat=False)
+
+    async def _reply(req, started, chat: bool):
+        """Stream the job, or wait for it and answer in the chat or completion format."""
+        job, prompt_tokens, info = started
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return _stream(job, req, rid, prompt_tokens, info, chat=False)
+            return _stream(job, req, rid, prompt_tokens, info, chat=chat)
         text, reason, n = await _collect(job)
-        body = P.completion_body(rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
+        make_body = P.chat_body if chat else P.completion_body
+        body = make_body(rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
         return JSONResponse(body, headers=P.route_headers(info))
 
     async def _start(req: P.SamplingFields, prompt: str, forced: bool | None, routing: str | None):
