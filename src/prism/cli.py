@@ -170,16 +170,21 @@ def cmd_chat(args) -> int:
         print(f"prism> {reply.text}\n{_route_line(reply.route)}", flush=True)
 
 
-def cmd_eval(args) -> int:
-    from prism.eval import run_eval
-
+def _parse_limits(text: str | None) -> dict[str, int]:
     limits = {}
-    for part in (args.limit or "").split(","):
+    for part in (text or "").split(","):
         if part.strip():
             name, _, value = part.partition("=")
             if not value.strip().isdigit():
                 raise ValueError(f"--limit takes name=N pairs (e.g. mmlu=100,mtbench=16), got {part!r}")
             limits[name.strip()] = int(value)
+    return limits
+
+
+def cmd_eval(args) -> int:
+    from prism.eval import run_eval
+
+    limits = _parse_limits(args.limit)
     persona_map = dict(p.split("=", 1) for p in (args.persona_map or "").split(",") if "=" in p)
     results = run_eval(
         args.out, run_dir=args.run_dir, model=args.model, preset=args.preset, quiet=args.quiet,
@@ -193,6 +198,28 @@ def cmd_eval(args) -> int:
 
     print((Path(args.out) / "table.md").read_text())
     print(f"results: {Path(args.out) / 'results.json'}; plots: {', '.join(results.get('plots', []))}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from pathlib import Path
+
+    from prism.study import run_study
+
+    limits = _parse_limits(args.limit)
+    overrides = {"personas": args.personas.split(",") if args.personas else None,
+                 "lengths": args.lengths.split(",") if args.lengths else None,
+                 "placements": args.placements.split(",") if args.placements else None,
+                 "benchmarks": args.benchmarks.split(",") if args.benchmarks else None,
+                 "limits": limits or None, "persona_dir": args.persona_dir, "judge": args.judge,
+                 "judge_url": args.judge_url, "judge_model": args.judge_model, "refusal": args.refusal,
+                 "cross": args.cross}
+    results = run_study(args.out, models=args.model or None, preset=args.preset, config_file=args.config,
+                        overrides=overrides, data_dir=args.data, quiet=args.quiet)
+    out = Path(args.out)
+    print((out / "findings.md").read_text())
+    print(f"report: {out / 'report.html'}; results: {out / 'results.json'}; figures: {out / 'figures'}; "
+          f"{results['seconds']:.0f}s")
     return 0
 
 
@@ -252,6 +279,27 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persona-map", help="category=persona overrides, e.g. other=critic,pku=helpful")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("study", help="the persona-effect study: persona x length x placement x task, with CIs")
+    p.add_argument("--model", action="append", help="model to study (repeat for several; default: the embedded one)")
+    p.add_argument("--out", required=True, help="results directory (resumable; a re-run reuses every cached row)")
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "micro"])
+    p.add_argument("--config", help="YAML file of study settings (see prism.study.grid.StudyConfig)")
+    p.add_argument("--data", help="benchmark data folder (default: ../shared/benchmarks or $PRISM_BENCHMARKS)")
+    p.add_argument("--personas", help="comma-separated personas (default: all in the registry)")
+    p.add_argument("--persona-dir", help="extra personas: a directory or YAML file")
+    p.add_argument("--lengths", help="comma-separated subset of long,short,minimal")
+    p.add_argument("--placements", help="comma-separated subset of system,user")
+    p.add_argument("--cross", choices=["reference", "full"],
+                   help="reference: every persona at the reference length/placement only; full: everywhere")
+    p.add_argument("--benchmarks", help="comma-separated subset of mtbench,mmlu,safety")
+    p.add_argument("--limit", help="per-set item limits, e.g. mmlu=200,mtbench=80,harmbench=50")
+    p.add_argument("--judge", help="MT-Bench judge: self, or a local model directory / hub id")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for the MT-Bench judge")
+    p.add_argument("--judge-model", help="model name at --judge-url")
+    p.add_argument("--refusal", choices=["pattern", "judge"], help="refusal classifier")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("generate", help="one reply from a finished run, with its route")
     _gen_args(p)

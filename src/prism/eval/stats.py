@@ -23,7 +23,9 @@ def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: f
 def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
                    level: float = 0.95) -> dict:
     """Mean of a - b over paired items, with a bootstrap CI that resamples items (pairs kept)
-    and a two-sided bootstrap p-value for 'no difference'."""
+    and a two-sided sign-flip permutation p-value for 'no difference'. The permutation test is
+    exact for small n, where the bootstrap alone is overconfident (two items that agree in sign
+    give a bootstrap CI that excludes 0, but p = 0.5)."""
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
     d = np.asarray([x - y for x, y in zip(a, b) if x is not None and y is not None
@@ -33,9 +35,20 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, s
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     a_ = (1 - level) / 2
-    p = 2 * min((boots <= 0).mean(), (boots >= 0).mean())
     return {"diff": float(d.mean()), "lo": float(np.quantile(boots, a_)), "hi": float(np.quantile(boots, 1 - a_)),
-            "p": float(min(1.0, p)), "n": int(len(d))}
+            "p": sign_flip_p(d, n_boot, seed), "n": int(len(d))}
+
+
+def sign_flip_p(d: np.ndarray, n_perm: int = 2000, seed: int = 0, exact_up_to: int = 14) -> float:
+    """Two-sided p-value of mean(d) = 0 by flipping the signs of the paired differences: every
+    flip for n <= exact_up_to, else n_perm random flips (with the +1 correction)."""
+    n = len(d)
+    observed = abs(d.mean()) - 1e-12
+    if n <= exact_up_to:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+        return float((np.abs((signs * d).mean(1)) >= observed).mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, n))
+    return float(((np.abs((signs * d).mean(1)) >= observed).sum() + 1) / (n_perm + 1))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:

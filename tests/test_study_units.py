@@ -1,0 +1,167 @@
+"""The study's grid, its random control and its statistics, without a model."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from prism.config import ConfigError
+from prism.eval.stats import paired_diff_ci, sign_flip_p
+from prism.eval.systems import DEFAULT_PERSONA_MAP
+from prism.personas import PersonaRegistry
+from prism.study.analysis import all_tests, analyse, benjamini_hochberg, mark_significance, significant
+from prism.study.grid import NONE, Condition, expand_grid, load_study_config, persona_for, random_persona
+
+NAMES = PersonaRegistry.builtin().names()
+
+
+def test_quick_grid_has_every_persona_at_the_reference_and_controls_everywhere():
+    cfg = load_study_config("quick")
+    grid = expand_grid(cfg, NAMES)
+    assert len(grid) == len(set(grid))
+    assert grid[0] == NONE
+    assert len(NAMES) == 12
+    # none + 12 personas at (long, system) + matched and random at 3 lengths x 2 placements
+    assert len(grid) == 1 + 12 + 2 * 6
+    named = [c for c in grid if c.persona in NAMES]
+    assert {(c.length, c.placement) for c in named} == {("long", "system")}
+    for control in ("matched", "random"):
+        cells = {(c.length, c.placement) for c in grid if c.persona == control}
+        assert cells == set(itertools.product(["long", "short", "minimal"], ["system", "user"]))
+
+
+def test_full_grid_crosses_every_persona_with_every_length_and_placement():
+    cfg = load_study_config("full")
+    grid = expand_grid(cfg, NAMES)
+    assert len(grid) == 1 + 12 * 6 + 2 * 6
+    assert Condition("coding", "minimal", "user") in grid
+    no_random = load_study_config("quick", overrides={"random_control": False, "lengths": ["short"],
+                                                      "reference_length": "short", "placements": ["user"],
+                                                      "reference_placement": "user"})
+    assert expand_grid(no_random, ["math", "writing"]) == [
+        NONE, Condition("math", "short", "user"), Condition("writing", "short", "user"),
+        Condition("matched", "short", "user")]
+
+
+def test_grid_and_settings_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        expand_grid(load_study_config("quick"), ["math", "random"])
+    with pytest.raises(ValueError, match="at least one persona"):
+        expand_grid(load_study_config("quick"), [])
+    with pytest.raises(ConfigError, match="reference_length 'long' is not in lengths"):
+        load_study_config("quick", overrides={"lengths": ["short"]})
+    with pytest.raises(ConfigError, match="unknown study preset"):
+        load_study_config("huge")
+    bad = tmp_path / "study.yaml"
+    bad.write_text("lenghts: [long]\n")
+    with pytest.raises(ConfigError, match="lenghts"):
+        load_study_config("quick", bad)
+    bad.write_text("limits: {mmlu: 10, gsm8k: 5}\n")
+    with pytest.raises(ConfigError, match="gsm8k"):
+        load_study_config("quick", bad)
+
+
+def test_random_control_is_never_the_matched_persona_and_is_fixed_per_item():
+    drawn = {}
+    for category, matched in DEFAULT_PERSONA_MAP.items():
+        for k in range(60):
+            item = f"{category}-{k}"
+            for seed in (0, 1):
+                p = random_persona(item, matched, NAMES, seed)
+                assert p != matched and p in NAMES
+                drawn.setdefault(category, set()).add(p)
+            # the same item gets the same draw at every length and placement
+            picks = {persona_for(Condition("random", L, P), item, category, DEFAULT_PERSONA_MAP, NAMES, 0)
+                     for L in ("long", "minimal") for P in ("system", "user")}
+            assert len(picks) == 1
+    # and it really is spread over the other personas, not one fixed stand-in
+    assert all(len(v) >= 8 for v in drawn.values())
+    with pytest.raises(ValueError, match="no persona other than"):
+        random_persona("x", "math", ["math"], 0)
+
+
+def test_persona_for_each_kind_of_condition():
+    m = DEFAULT_PERSONA_MAP
+    assert persona_for(NONE, "i", "stem", m, NAMES, 0) is None
+    assert persona_for(Condition("matched", "long", "system"), "i", "harmbench", m, NAMES, 0) == "safety_monitor"
+    assert persona_for(Condition("matched", "long", "system"), "i", "social_sciences", m, NAMES, 0) == "humanities"
+    assert persona_for(Condition("critic", "short", "user"), "i", "math", m, NAMES, 0) == "critic"
+    with pytest.raises(ValueError, match="no matched persona"):
+        persona_for(Condition("matched", "long", "system"), "i", "astrology", m, NAMES, 0)
+
+
+def test_sign_flip_p_matches_hand_counts():
+    # two items that agree in sign: 2 of the 4 sign patterns are as extreme -> p = 0.5
+    assert sign_flip_p(np.array([1.0, 1.0])) == 0.5
+    # six positive differences: only all-plus and all-minus are as extreme -> 2/64
+    assert sign_flip_p(np.array([1.0, 2, 3, 4, 5, 6])) == pytest.approx(2 / 64)
+    assert sign_flip_p(np.zeros(5)) == 1.0
+    # large n uses random flips: a clear effect is tiny, a null one is not
+    rng = np.random.default_rng(0)
+    assert sign_flip_p(rng.normal(1.0, 1.0, 200)) < 0.01
+    assert sign_flip_p(rng.normal(0.0, 1.0, 200)) > 0.01
+
+
+def test_paired_difference_and_significance():
+    d = paired_diff_ci([1, 1], [0, 0], n_boot=500)
+    assert d["diff"] == 1 and d["lo"] == 1 and d["hi"] == 1  # the bootstrap alone would call this an effect
+    assert not significant(d)  # the sign-flip test does not (p = 0.5)
+    big = paired_diff_ci([10.0] * 20, [0.0] * 20, n_boot=500)
+    assert significant(big) and big["p"] < 0.005  # 1/501: the Monte Carlo floor at n > 14
+    null = paired_diff_ci([1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1], n_boot=500)
+    assert not significant(null) and null["diff"] == 0
+
+
+def test_benjamini_hochberg_step_up():
+    # m=5, q=0.05: thresholds 0.01, 0.02, 0.03, 0.04, 0.05. The 3rd smallest (0.03) passes, so the
+    # two below it pass too even though 0.011 > 0.01.
+    assert benjamini_hochberg([0.011, 0.02, 0.03, 0.2, 0.9]) == [True, True, True, False, False]
+    assert benjamini_hochberg([0.02, 0.03, 0.04, 0.2, 0.9]) == [False, False, False, False, False]
+    assert benjamini_hochberg([0.0, 0.0]) == [True, True]
+
+
+def _synthetic_rows(effect: float = 10.0, n: int = 20) -> dict:
+    """Scores where persona `math` adds `effect` points on MMLU stem and nothing anywhere else."""
+    cfg = load_study_config("quick", overrides={"personas": ["math", "writing"], "lengths": ["long"],
+                                                "placements": ["system"]})
+    rng = np.random.default_rng(0)
+    items = [(f"s{i}", "mmlu", "stem") for i in range(n)] + [(f"h{i}", "mmlu", "humanities") for i in range(n)]
+    base = {i: float(rng.integers(0, 2)) * 100 for i, _, _ in items}
+    pmap = {**DEFAULT_PERSONA_MAP, "stem": "math", "humanities": "writing"}
+    rows = []
+    for cond in expand_grid(cfg, ["math", "writing"]):
+        for iid, bench, cat in items:
+            used = persona_for(cond, iid, cat, pmap, ["math", "writing"], 0)
+            score = base[iid] + (effect if used == "math" and cat == "stem" else 0.0)
+            rows.append({"condition": cond.label, "persona": cond.persona, "length": cond.length,
+                         "placement": cond.placement, "persona_used": used, "item": iid, "benchmark": bench,
+                         "category": cat, "score": score, "tokens": None})
+    return {"model": "synthetic", "rows": rows, "personas": ["math", "writing"], "persona_map": pmap}, cfg
+
+
+def test_analysis_finds_a_planted_effect_and_nothing_else():
+    result, cfg = _synthetic_rows()
+    a = analyse(result, cfg)
+    assert a["subs"] == ["mmlu/stem", "mmlu/humanities"]
+    cell = a["heatmap"]["math"]["mmlu/stem"]
+    assert cell["diff"] == pytest.approx(10.0) and significant(cell)
+    assert a["heatmap"]["math"]["mmlu/humanities"]["diff"] == 0
+    assert a["heatmap"]["writing"]["mmlu/stem"]["diff"] == 0
+    # the matched expert for stem is math: +10 vs none, and vs random (= writing here) too
+    assert a["expert"]["mmlu/stem"]["vs_none"]["diff"] == pytest.approx(10.0)
+    assert a["expert"]["mmlu/stem"]["vs_random"]["diff"] == pytest.approx(10.0)
+    # for humanities the random control is math, which does nothing there
+    assert a["expert"]["mmlu/humanities"]["vs_random"]["diff"] == 0
+    # pooled over MMLU: half the items move by 10
+    assert a["expert_by_benchmark"]["mmlu"]["vs_none"]["diff"] == pytest.approx(5.0)
+    tests = mark_significance(all_tests(a))
+    sig = {t["what"] for t in tests if t["significant"]}
+    assert "mmlu/stem: persona math vs no persona" in sig
+    assert "mmlu/humanities: persona math vs no persona" not in sig
+    assert "mmlu/stem: persona writing vs no persona" not in sig
+
+
+def test_analysis_without_an_effect_reports_nothing_significant():
+    result, cfg = _synthetic_rows(effect=0.0)
+    tests = mark_significance(all_tests(analyse(result, cfg)))
+    assert tests and not any(t["significant"] for t in tests)
