@@ -165,3 +165,24 @@ def test_analysis_without_an_effect_reports_nothing_significant():
     result, cfg = _synthetic_rows(effect=0.0)
     tests = mark_significance(all_tests(analyse(result, cfg)))
     assert tests and not any(t["significant"] for t in tests)
+
+
+def test_report_with_two_models_has_the_model_summary(tmp_path):
+    from prism.study import write_outputs
+
+    analyses = []
+    for name, effect in (("model-a", 10.0), ("model-b", 0.0)):
+        result, cfg = _synthetic_rows(effect)
+        result["model"] = name
+        analyses.append(analyse(result, cfg))
+    results = write_outputs(tmp_path, analyses, cfg, {"models": ["model-a", "model-b"]})
+    assert results["summary"]["model-a"]["mmlu"]["diff"] == pytest.approx(5.0)
+    assert results["summary"]["model-b"]["mmlu"]["diff"] == 0
+    assert (tmp_path / "figures" / "models.png").read_bytes()[:4] == b"\x89PNG"
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 * 2 + 1
+    assert "Models compared" in html
+    findings = (tmp_path / "findings.md").read_text()
+    assert "model-a" in findings and "model-b" in findings
+    with pytest.raises(ValueError, match="same name"):
+        write_outputs(tmp_path, [analyses[0], analyses[0]], cfg, {})

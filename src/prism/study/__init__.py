@@ -35,18 +35,15 @@ def run_study(out: str | Path, models: list[Any] | None = None, preset: str = "q
     """Run (or resume) the study in `out` on `models` (names/paths, or loaded ChatModels; default:
     the embedded model) and write results.json, findings.md, report.html and the figures."""
     from prism.eval.data import default_dir
-    from prism.io import atomic_write_json, atomic_write_text
+    from prism.io import atomic_write_json
     from prism.models import ChatModel, load_model
     from prism.personas import PersonaRegistry
-    from prism.study.analysis import all_tests, analyse, mark_significance, model_summary
-    from prism.study.report import (expert_figure, findings_markdown, heatmap_figure, html_report,
-                                    length_placement_figure, models_figure)
+    from prism.study.analysis import analyse
     from prism.study.runner import StudyRunner
 
     cfg = cfg or load_study_config(preset, config_file, overrides)
     data_dir = str(data_dir or default_dir())
     out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     registry = PersonaRegistry.load(cfg.persona_dir)
     for name in [*(cfg.personas or []), *cfg.persona_map.values()]:
         registry.get(name)  # an unknown persona fails before a model is loaded
@@ -63,6 +60,22 @@ def run_study(out: str | Path, models: list[Any] | None = None, preset: str = "q
         if not isinstance(spec, ChatModel):
             del model, runner
             gc.collect()
+    settings = {**cfg.model_dump(), "models": [a["model"] for a in analyses], "data_dir": data_dir}
+    results = write_outputs(out, analyses, cfg, settings)
+    results.update(models=scored, seconds=round(time.perf_counter() - t0, 1))
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def write_outputs(out: str | Path, analyses: list[dict], cfg: StudyConfig, settings: dict) -> dict:
+    """Figures, findings.md, report.html and results.json from the analyses of one or more models."""
+    from prism.io import atomic_write_json, atomic_write_text
+    from prism.study.analysis import all_tests, mark_significance, model_summary
+    from prism.study.report import (expert_figure, findings_markdown, heatmap_figure, html_report,
+                                    length_placement_figure, models_figure)
+
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     names = [a["model"] for a in analyses]
     if len(set(names)) != len(names):
         raise ValueError(f"two models in the study have the same name ({names}); their results would mix")
@@ -80,14 +93,12 @@ def run_study(out: str | Path, models: list[Any] | None = None, preset: str = "q
     if len(analyses) > 1:
         figures["_all"] = {"models": models_figure(summary, out / "figures" / "models.png")}
     findings = findings_markdown(tests, analyses, cfg)
-    settings = {**cfg.model_dump(), "models": names, "data_dir": data_dir}
     atomic_write_text(out / "findings.md", findings)
     atomic_write_text(out / "report.html", html_report(analyses, summary, figures, findings, cfg, settings))
-    results = {"settings": settings, "models": scored, "analyses": analyses, "summary": summary, "tests": tests,
-               "figures": {m: {k: str(v) for k, v in f.items()} for m, f in figures.items()},
-               "seconds": round(time.perf_counter() - t0, 1)}
+    results = {"settings": settings, "analyses": analyses, "summary": summary, "tests": tests,
+               "figures": {m: {k: str(v) for k, v in f.items()} for m, f in figures.items()}}
     atomic_write_json(out / "results.json", results)
     return results
 
 
-__all__ = ["run_study", "StudyConfig", "Condition", "expand_grid", "load_study_config", "STUDY_PRESETS"]
+__all__ = ["run_study", "write_outputs", "StudyConfig", "Condition", "expand_grid", "load_study_config", "STUDY_PRESETS"]

@@ -57,7 +57,7 @@ def heatmap_figure(a: dict, path: Path) -> Path:
     im = ax.imshow(grid, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
     for (i, j), ci in cis.items():
         star = "*" if significant(ci) else ""
-        ax.text(j, i, f"{ci['diff']:+.0f}{star}", ha="center", va="center", fontsize=7.5,
+        ax.text(j, i, f"{round(ci['diff']):+d}{star}", ha="center", va="center", fontsize=7.5,
                 color="white" if abs(ci["diff"]) > 0.6 * vmax else "black",
                 fontweight="bold" if star else "normal")
     for j, sub in enumerate(subs):  # outline the matched expert of each task
@@ -77,8 +77,8 @@ def heatmap_figure(a: dict, path: Path) -> Path:
                     ha="center", va="bottom", fontsize=9, fontweight="bold")
             start = j
     ref = a["reference"]
-    ax.set_title(f"{a['model']}: change vs no persona ({ref['length']} persona, {ref['placement']} turn)\n"
-                 "boxes = matched expert; * = 95% CI excludes 0", fontsize=9, pad=22)
+    ax.set_title(f"{a['model']}\nchange vs no persona ({ref['length']} persona, {ref['placement']} turn); "
+                 "box = matched expert; * = significant", fontsize=9, pad=22)
     cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
     cb.set_label("points (0-100 scale)", fontsize=8)
     fig.tight_layout()
@@ -161,17 +161,18 @@ def models_figure(summary: dict, path: Path) -> Path:
     benches = [b for b in BENCH_NAMES if any(b in summary[m] for m in models)]
     grid = np.array([[summary[m].get(b, {}).get("diff") or np.nan for b in benches] for m in models], dtype=float)
     finite = np.abs(grid[np.isfinite(grid)])
-    vmax = max(5.0, float(finite.max())) if finite.size else 5.0
-    fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(benches), 1.2 + 0.55 * len(models)))
+    vmax = max(5.0, 1.25 * float(finite.max())) if finite.size else 5.0
+    fig, ax = plt.subplots(figsize=(3.0 + 2.2 * len(benches), 1.4 + 0.55 * len(models)))
     im = ax.imshow(grid, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
     for i, m in enumerate(models):
         for j, b in enumerate(benches):
             ci = summary[m].get(b)
             if ci and ci.get("diff") is not None:
-                ax.text(j, i, _fmt(ci), ha="center", va="center", fontsize=8)
+                ax.text(j, i, _fmt(ci), ha="center", va="center", fontsize=8,
+                        color="white" if abs(ci["diff"]) > 0.6 * vmax else "black")
     ax.set_xticks(range(len(benches)), [BENCH_NAMES[b] for b in benches])
     ax.set_yticks(range(len(models)), models)
-    ax.set_title("matched expert - no persona, by model (points, 95% CI; * excludes 0)", fontsize=10)
+    ax.set_title("matched expert - no persona, by model\n(points on 0-100, 95% CI; * = significant)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
