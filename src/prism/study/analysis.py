@@ -109,6 +109,7 @@ def analyse(result: dict, cfg) -> dict[str, Any]:
                     contrasts[f"{BENCH_NAMES[b]}: system vs user turn ({L} persona)"] = s.diff(a, c, s.items(b), nb, seed)
     out["contrasts"] = contrasts
     out["judge_sanity"] = result.get("judge_sanity")
+    out["supports_system_role"] = result.get("supports_system_role")
     return out
 
 

@@ -223,6 +223,9 @@ def findings_markdown(tests: list[dict], analyses: list[dict], cfg) -> str:
                          f"{s['ci95'][1]:.0%}). " + ("It tells answers apart." if s.get("passed") else
                                                      "That is no better than chance: MT-Bench effects here measure "
                                                      "the judge's noise, not answer quality."))
+        if a.get("supports_system_role") is False:
+            lines.append(f"- {a['model']} has no system role: 'system' placements fell back to the user turn, so "
+                         "the placement contrasts are zero by construction.")
         lines.append(f"- {a['model']}: items per benchmark " +
                      ", ".join(f"{BENCH_NAMES[b]} {n}" for b, n in a["n_items"].items()) + ".")
     sig = [t for t in tests if t["significant"]]

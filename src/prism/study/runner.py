@@ -94,7 +94,9 @@ class StudyRunner:
     # ----- cached primitives ------------------------------------------------------------------
     def _generate(self, prompts: list[str], max_new: int, desc: str) -> list[dict]:
         keys = [_key("gen", self.model_key, p, max_new) for p in prompts]
-        todo = sorted({k: p for k, p in zip(keys, prompts) if self.gens.get(k) is None}.items())
+        # unique prompts, shortest first, so each batch pads little
+        todo = sorted({k: p for k, p in zip(keys, prompts) if self.gens.get(k) is None}.items(),
+                      key=lambda kp: (len(kp[1]), kp[0]))
         bar = self._bar(len(todo), desc)
         step = self.model.batch_size * 2
         for start in range(0, len(todo), step):
@@ -108,7 +110,8 @@ class StudyRunner:
 
     def _letter_scores(self, prompts: list[str]) -> list[dict]:
         keys = [_key("mmlu", self.model_key, p) for p in prompts]
-        todo = sorted({k: p for k, p in zip(keys, prompts) if self.letters.get(k) is None}.items())
+        todo = sorted({k: p for k, p in zip(keys, prompts) if self.letters.get(k) is None}.items(),
+                      key=lambda kp: (len(kp[1]), kp[0]))
         letter_ids = [self.model.variant_ids(L) for L in LETTERS]
         if not all(letter_ids):
             raise ValueError(f"{self.model.name}: the letters A-D are not single tokens; leave mmlu out of the study")
@@ -242,7 +245,8 @@ class StudyRunner:
             rows += part
             timings[bench] = round(time.perf_counter() - t0, 1)
             log.info("study %s: %s %d cells in %.0fs", self.model.name, bench, len(part), timings[bench])
-        result = {"model": self.model.name, "source": self.model.source, "conditions": [c.label for c in self.conditions],
+        result = {"model": self.model.name, "source": self.model.source,
+                  "supports_system_role": self.model.supports_system_role, "conditions": [c.label for c in self.conditions],
                   "personas": self.names, "persona_map": self.persona_map, "rows": rows, "judge_sanity": sanity,
                   "timings": timings, "computed": dict(self.computed),
                   "answer_tokens": sum(r["tokens"] or 0 for r in rows)}
