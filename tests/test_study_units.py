@@ -96,7 +96,10 @@ def test_sign_flip_p_matches_hand_counts():
     # six positive differences: only all-plus and all-minus are as extreme -> 2/64
     assert sign_flip_p(np.array([1.0, 2, 3, 4, 5, 6])) == pytest.approx(2 / 64)
     assert sign_flip_p(np.zeros(5)) == 1.0
-    # large n uses random flips: a clear effect is tiny, a null one is not
+    # large n uses the normal limit: close to the exact count, a clear effect tiny, a null one not
+    d = np.array([100.0] * 12 + [0.0] * 28)  # 12 of 40 items move the same way: exact p = 2 / 2**12
+    assert sign_flip_p(d) == pytest.approx(2 / 2**12, rel=0.2)
+    assert sign_flip_p(np.array([1.0, -1.0] * 10)) == 1.0
     rng = np.random.default_rng(0)
     assert sign_flip_p(rng.normal(1.0, 1.0, 200)) < 0.01
     assert sign_flip_p(rng.normal(0.0, 1.0, 200)) > 0.01
@@ -107,7 +110,7 @@ def test_paired_difference_and_significance():
     assert d["diff"] == 1 and d["lo"] == 1 and d["hi"] == 1  # the bootstrap alone would call this an effect
     assert not significant(d)  # the sign-flip test does not (p = 0.5)
     big = paired_diff_ci([10.0] * 20, [0.0] * 20, n_boot=500)
-    assert significant(big) and big["p"] < 0.005  # 1/501: the Monte Carlo floor at n > 14
+    assert significant(big) and big["p"] < 1e-4
     null = paired_diff_ci([1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1], n_boot=500)
     assert not significant(null) and null["diff"] == 0
 

@@ -111,9 +111,9 @@ def expert_figure(a: dict, path: Path) -> Path:
     ax.set_xlabel("difference, points (0-100 scale), 95% paired bootstrap CI")
     ref = a["reference"]
     ax.set_title(f"{a['model']}: does the matched expert help? ({ref['length']}, {ref['placement']})", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -144,9 +144,10 @@ def length_placement_figure(a: dict, lengths: list[str], placements: list[str], 
         ax.set_title(f"{BENCH_NAMES[b]} (n={a['n_items'][b]})", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("matched expert - no persona (points)")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(placements), frameon=False)
     fig.suptitle(f"{a['model']}: persona length and placement (95% CI)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -271,7 +272,8 @@ def html_report(analyses: list[dict], summary: dict, figures: dict[str, dict[str
              f"<style>{CSS}</style></head><body>",
              "<h1>When do personas help or hurt?</h1>",
              f"<p class='note'>Scores are {html.escape(POINTS)}. Each effect is a paired difference over the same "
-             "items with a 95% bootstrap CI; * marks a CI that excludes 0.</p>"]
+             "items with a 95% bootstrap CI; * marks a significant effect (the CI excludes 0 and a sign-flip test "
+             "gives p &lt; 0.05).</p>"]
     for a in analyses:
         s = a.get("judge_sanity")
         if s and s.get("accuracy") is not None and not s.get("passed"):
@@ -280,13 +282,19 @@ def html_report(analyses: list[dict], summary: dict, figures: dict[str, dict[str
                          f"({s['accuracy']:.0%} of {s['pairs']} pairs, 95% CI {s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}). "
                          "Read its MT-Bench numbers as noise; use --judge-url or --judge for a real judge.</p>")
     parts.append("<h2>Findings</h2>")
+    in_list = False
     for line in findings.splitlines():
+        if line.startswith("- ") != in_list:
+            parts.append("<ul>" if not in_list else "</ul>")
+            in_list = not in_list
         if line.startswith("- "):
             parts.append(f"<li>{html.escape(line[2:])}</li>")
         elif line.startswith("## "):
             parts.append(f"<h3>{html.escape(line[3:])}</h3>")
         elif line.strip() and not line.startswith("# "):
             parts.append(f"<p>{html.escape(line)}</p>")
+    if in_list:
+        parts.append("</ul>")
     if len(summary) > 1 and "models" in figures.get("_all", {}):
         parts += ["<h2>Models compared</h2>", _img(figures["_all"]["models"], "Matched expert vs no persona by model")]
     benches = sorted({b for m in summary.values() for b in m}, key=list(BENCH_NAMES).index)
