@@ -42,3 +42,16 @@ def test_corruption_in_the_middle_is_an_error(tmp_path):
 
 def test_missing_file_reads_as_empty(tmp_path):
     assert read_jsonl(tmp_path / "none.jsonl") == []
+
+
+def test_atomic_writes_get_the_ordinary_file_mode(tmp_path):
+    import os
+
+    from prism.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.html", "<html></html>")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
