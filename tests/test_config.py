@@ -61,3 +61,15 @@ def test_unknown_preset_and_missing_file():
 def test_fingerprint_changes_with_settings():
     assert load_config("quick").fingerprint() != load_config("quick", overrides={"seed": 1}).fingerprint()
     assert load_config("quick").fingerprint() == load_config("quick").fingerprint()
+
+
+def test_prefix_cache_is_a_speed_setting_and_infer_dtype_is_not(tmp_path):
+    from prism.run import RunDir, RunError
+
+    cfg = load_config("micro")
+    assert cfg.prefix_cache is True and cfg.infer_dtype == "model"  # defaults: same results as before
+    run = RunDir(tmp_path / "r")
+    run.open(cfg, {})
+    RunDir(tmp_path / "r").open(load_config("micro", overrides={"prefix_cache": False}), {})  # resumable
+    with pytest.raises(RunError, match="infer_dtype"):
+        RunDir(tmp_path / "r").open(load_config("micro", overrides={"infer_dtype": "bfloat16"}), {})

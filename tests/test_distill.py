@@ -145,3 +145,19 @@ def test_lr_schedule_warms_up_then_decays():
     assert f(2) == pytest.approx(1.0) and f(9) < 0.1 and f(10) == pytest.approx(0.0)
     assert all(f(i) >= f(i + 1) for i in range(2, 10))
     assert not math.isnan(f(100))
+
+
+@pytest.mark.slow
+def test_teacher_cache_equals_the_full_logits_of_each_example_alone(embedded):
+    persona = "Always answer in French. Réponds toujours en français."
+    model, pad = embedded.model, embedded.tokenizer.pad_token_id
+    examples = _examples(embedded, persona)
+    cache = teacher_topk(model, examples, 16, 3, pad)  # batches of unequal lengths, left-padded
+    with torch.no_grad():
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e.teacher_ids])).logits[0]
+            span = logits[e.teacher_start : e.teacher_start + e.n_response]
+            vals, idx = span.topk(16, dim=-1)
+            assert torch.allclose(cache[f"{e.key}.values"], vals, atol=1e-3)
+            assert torch.equal(cache[f"{e.key}.indices"], idx.to(torch.int32))
+            assert torch.allclose(cache[f"{e.key}.lse"], torch.logsumexp(span / 2.0, -1), atol=1e-3)

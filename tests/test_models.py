@@ -104,3 +104,57 @@ def test_unknown_dtype_and_device():
         if not torch.cuda.is_available():
             with pytest.raises(ModelLoadError, match="no CUDA GPU"):
                 resolve_device("cuda")
+
+
+def test_shared_prefixes_groups_sequences_with_a_long_common_start():
+    from prism.models import shared_prefixes
+
+    a, b = [1] * 40 + [2, 3], [1] * 40 + [4]
+    same = [7] * 50
+    prefix, group = shared_prefixes([a, [9, 9], b, same, same, [5] * 3], min_len=32)
+    assert prefix[0] == prefix[2] == 40 and group[0] == group[2] >= 0
+    assert prefix[3] == prefix[4] == 49 and group[3] == group[4] != group[0]  # one token left to prefill
+    assert prefix[1] == prefix[5] == 0 and group[1] == group[5] == -1
+    assert shared_prefixes([a], 32) == ([0], [-1])
+
+
+def test_prefix_cache_generates_exactly_what_plain_generation_does(embedded):
+    persona = ("You are a meticulous mathematician who explains every step of a calculation, names the rule used, "
+               "checks the result by another route and states the final answer on its own line.")
+    queries = ["What is 12 times 13?", "Is 91 prime?", "What is the square root of 144?"]
+    prompts = ([embedded.user_prompt(q, persona) for q in queries] + [embedded.user_prompt(q) for q in queries]
+               + [embedded.user_prompt(queries[0], persona)] * 2)
+    before = embedded.prefix_cache
+    try:
+        embedded.prefix_cache = False
+        plain = embedded.generate(prompts, 12)
+        embedded.prefix_cache = True
+        cached = embedded.generate(prompts, 12)
+    finally:
+        embedded.prefix_cache = before
+    assert [g.text for g in cached] == [g.text for g in plain]
+    assert [g.n_tokens for g in cached] == [g.n_tokens for g in plain]
+
+
+def test_inference_dtype_casts_for_the_block_and_restores_the_exact_weights(embedded):
+    import torch
+
+    weight = embedded.model.get_input_embeddings().weight
+    before = weight.detach().clone()
+    with embedded.inference_dtype("bfloat16"):
+        assert all(p.dtype == torch.bfloat16 for p in embedded.model.parameters())
+        assert embedded.generate([embedded.user_prompt("Say hello.")], 4)[0].n_tokens > 0
+    assert all(p.dtype == torch.float32 for p in embedded.model.parameters())
+    assert torch.equal(embedded.model.get_input_embeddings().weight, before)
+    with embedded.inference_dtype("model"):  # no change
+        assert embedded.model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_next_token_logprobs_come_back_in_input_order(embedded):
+    import torch
+
+    prompts = [embedded.user_prompt("Write a long and detailed essay about the history of the Roman Empire."),
+               embedded.user_prompt("Hi"), embedded.user_prompt("What is two plus two?")]
+    together = embedded.next_token_logprobs(prompts)
+    for i, p in enumerate(prompts):
+        assert torch.allclose(together[i], embedded.next_token_logprobs([p])[0], atol=1e-3)

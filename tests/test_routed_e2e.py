@@ -79,6 +79,26 @@ def test_routed_chat_single_pass_route_equals_separate_gate_pass(finished_run):
     assert all(r.route.forced and not r.route.adapter for r in forced)
 
 
+def test_swapped_merged_weights_equal_the_lora_path_and_restore_the_base_exactly(finished_run):
+    from prism.models import load_model
+    from prism.routed import PrismModel
+
+    lora_model, swap_model = load_model(), load_model()
+    prompt = [lora_model.user_prompt("What is the derivative of x squared?")]
+    base = swap_model.next_token_logprobs(prompt)
+    lora = PrismModel.load(finished_run, model=lora_model, adapter_mode="lora")
+    swap = PrismModel.load(finished_run, model=swap_model)
+    assert swap.adapter_mode == "swap" and not swap.adapter_on
+    assert torch.equal(swap_model.next_token_logprobs(prompt), base)  # loaded with the adapter off
+    for on in (True, False, True):
+        lora.set_adapter(on)
+        swap.set_adapter(on)
+        assert torch.allclose(lora_model.next_token_logprobs(prompt), swap_model.next_token_logprobs(prompt),
+                              atol=1e-3)
+    swap.set_adapter(False)
+    assert torch.equal(swap_model.next_token_logprobs(prompt), base)  # exact base weights, no drift
+
+
 def test_generate_cli_json(finished_run, capsys):
     code = main(["generate", str(finished_run), "--prompt", "Say hello.", "--max-new-tokens", "8", "--json"])
     assert code == 0

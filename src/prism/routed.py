@@ -1,12 +1,15 @@
 """The routed model: base model + persona adapter + gate. No persona tokens are ever sent.
 
 For each conversation the gate reads the layer-1 hidden state of the routing prompt (the first
-user turn, or the last one with `route_every_turn`) and switches the adapter on or off; the
-switch is a flag on the LoRA layers, so no reload. When the routing prompt is the whole request
-(a single user turn), the gate is computed inside the forward pass that serves the request:
-a hook on decoder layer 0 reads its output (which the adapter never changes, since it skips
-layer 0) and sets the adapter before layer 1 runs.
-"""
+user turn, or the last one with `route_every_turn`) and switches the adapter on or off, without a
+reload. In `adapter_mode="swap"` (the default for models whose adapted weights take at most 2 GiB,
+`"auto"`) each adapted projection keeps two weight tensors, the
+base one and one with the LoRA merged in, and a switch points the layer at one or the other: no
+extra matmuls per token, the exact base weights when off, at the memory cost of one more copy of
+the adapted projections. `adapter_mode="lora"` keeps PEFT's unmerged LoRA path behind a flag.
+When the routing prompt is the whole request (a single user turn), the gate is computed inside
+the forward pass that serves the request: a hook on decoder layer 0 reads its output (which the
+adapter never changes, since it skips layer 0) and sets the adapter before layer 1 runs."""
 
 from __future__ import annotations
 
@@ -47,21 +50,43 @@ class ChatReply:
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}}
 
 
+SWAP_MAX_BYTES = 2 * 1024**3
+
+
+def _adapted_bytes(peft_model) -> int:
+    """Bytes of the base weights that carry a LoRA: what "swap" mode holds a second copy of."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(m.get_base_layer().weight.nelement() * m.get_base_layer().weight.element_size()
+               for m in peft_model.modules() if isinstance(m, LoraLayer))
+
+
 class PrismModel:
     def __init__(self, model: ChatModel, peft_model, gate: Gate, run_dir: Path | None = None,
-                 route_every_turn: bool = False):
+                 route_every_turn: bool = False, adapter_mode: str = "auto"):
+        if adapter_mode not in ("auto", "swap", "lora"):
+            raise ValueError(f"unknown adapter_mode {adapter_mode!r}; choose auto, swap or lora")
+        if adapter_mode == "auto":  # the extra copy is fine for small models, not for a 7B on a 24 GB GPU
+            adapter_mode = "swap" if _adapted_bytes(peft_model) <= SWAP_MAX_BYTES else "lora"
         self.model = model
         self.peft_model = peft_model
         self.gate = gate
         self.run_dir = run_dir
         self.route_every_turn = route_every_turn
+        self.adapter_mode = adapter_mode
         self._layer0 = decoder_layers(model.model)[0]
         self.decisions: list[dict] = []  # recent routing decisions, for inspection
+        self._swap: list[tuple] | None = self._merged_weights() if adapter_mode == "swap" else None
+        self.adapter_on = True  # PEFT's state after loading
+        if self._swap is not None:
+            self.set_adapter(False)
 
     @classmethod
     def load(cls, run_dir: str | Path, model: ChatModel | None = None, route_every_turn: bool = False,
-             **model_overrides) -> "PrismModel":
-        """Load a finished run: its base model (or `model`), `adapter/` and `gate/`."""
+             adapter_mode: str = "auto", **model_overrides) -> "PrismModel":
+        """Load a finished run: its base model (or `model`), `adapter/` and `gate/`.
+        `adapter_mode`: "swap" (merged weights swapped in), "lora" (PEFT's LoRA path) or "auto"
+        (default: swap when the extra copy of the adapted weights is at most SWAP_MAX_BYTES)."""
         from peft import PeftModel
 
         run = RunDir(run_dir)
@@ -78,14 +103,37 @@ class PrismModel:
         peft_model = PeftModel.from_pretrained(model.model, str(run.path / "adapter"), is_trainable=False)
         peft_model.eval()
         gate = Gate.load(run.path / "gate")
-        return cls(model, peft_model, gate, run.path, route_every_turn)
+        return cls(model, peft_model, gate, run.path, route_every_turn, adapter_mode)
 
     # ----- routing ------------------------------------------------------------------------
+    def _merged_weights(self) -> list[tuple]:
+        """(parameter, base tensor, merged tensor) for every LoRA-adapted layer; afterwards PEFT's
+        own LoRA path stays disabled and the weights alone carry the adapter."""
+        from peft.tuners.lora import LoraLayer
+
+        out = []
+        with torch.no_grad():
+            for module in self.peft_model.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                base = module.get_base_layer()
+                for name in module.active_adapters:
+                    if name not in module.lora_A:
+                        continue
+                    w0 = base.weight.data
+                    out.append((base.weight, w0, (w0 + module.get_delta_weight(name).to(w0.dtype)).contiguous()))
+        self.peft_model.base_model.disable_adapter_layers()
+        return out
+
     def set_adapter(self, on: bool) -> None:
-        if on:
+        if self._swap is not None:
+            for param, base, merged in self._swap:
+                param.data = merged if on else base
+        elif on:
             self.peft_model.base_model.enable_adapter_layers()
         else:
             self.peft_model.base_model.disable_adapter_layers()
+        self.adapter_on = on
 
     def routing_prompt(self, messages: Sequence[dict]) -> str:
         users = [m for m in messages if m["role"] == "user"]

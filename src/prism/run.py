@@ -16,7 +16,7 @@ from prism.io import atomic_write_json
 MANIFEST = "manifest.json"
 FILES = {"queries": "queries.jsonl", "answers": "answers.jsonl", "verdicts": "verdicts.jsonl"}
 # Settings that change speed, not results: a run may resume with different values.
-RUNTIME_KEYS = ("batch_size", "device", "generator_url", "generator_model", "generator_concurrency")
+RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency")
 
 
 class RunError(RuntimeError):

@@ -85,8 +85,9 @@ def run_distill(ctx: StageContext) -> dict:
     if examples:
         if accelerator.is_main_process and not cache_path.is_file():  # one process computes, all read
             bar = ctx.progress(total=len(examples), desc="stage 5/5 teacher logits")
-            cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature,
-                                 progress=bar)
+            with ctx.model.inference_dtype(ctx.config.infer_dtype):
+                cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature,
+                                     progress=bar)
             bar.close()
             save_tensors(cache_path, cache)
         accelerator.wait_for_everyone()  # the others read the cache only once it is complete
@@ -116,7 +117,7 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
         log.warning("stage 5: the distill set is empty (no query where the persona won both orders); "
                     "the adapter stays at its initialisation (a no-op)")
         return {"examples": 0, "trained": False}
-    kl_initial = mean_kl(peft_model, examples, cache, pad_id, k, temp, ctx.model.batch_size)
+    kl_initial = mean_kl(peft_model, examples, cache, pad_id, k, temp, cfg.batch_size)
     log.info("stage 5: %d examples, initial KL %.4f", len(examples), kl_initial)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -184,7 +185,7 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
             append_jsonl(losses_path, [row])  # after the checkpoint: a resumed epoch is not logged twice
         log.info("stage 5: epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, row["loss"])
     bar.close()
-    kl_final = mean_kl(peft_model, examples, cache, pad_id, k, temp, ctx.model.batch_size)
+    kl_final = mean_kl(peft_model, examples, cache, pad_id, k, temp, cfg.batch_size)
     losses = list({r["epoch"]: r for r in read_jsonl(losses_path)}.values())  # last row per epoch
     facts = {"examples": len(examples), "trained": True, "kl_initial": round(kl_initial, 5),
              "kl_final": round(kl_final, 5), "epochs": cfg.epochs, "steps": step,

@@ -57,7 +57,11 @@ class StudyRunner:
         for name in self.persona_map.values():
             registry.get(name)
         self.conditions = expand_grid(cfg, self.names)
-        self.model_key = json.dumps(model.source, sort_keys=True, default=str)
+        # What makes a cached row valid: the model and its precision (float32, the reference, is
+        # left untagged so caches written before the tag existed stay valid).
+        dtype = str(next(model.model.parameters()).dtype).replace("torch.", "")
+        self.model_key = json.dumps({**model.source, **({"dtype": dtype} if dtype != "float32" else {})},
+                                    sort_keys=True, default=str)
         self.gens = Cache(self.out / "generations.jsonl")
         self.letters = Cache(self.out / "mmlu_scores.jsonl")
         self.judgments = Cache(self.out / "judgments.jsonl")
@@ -231,6 +235,15 @@ class StudyRunner:
 
     def run(self) -> dict:
         """Scores for every cell; also written to scores.json (derived from the caches)."""
+        import time
+
+        saved, self.model.prefix_cache = self.model.prefix_cache, self.cfg.prefix_cache
+        try:
+            return self._run()
+        finally:
+            self.model.prefix_cache = saved
+
+    def _run(self) -> dict:
         import time
 
         items = self.items()
