@@ -66,7 +66,9 @@ class PrismModel:
                  route_every_turn: bool = False, adapter_mode: str = "auto"):
         if adapter_mode not in ("auto", "swap", "lora"):
             raise ValueError(f"unknown adapter_mode {adapter_mode!r}; choose auto, swap or lora")
-        if adapter_mode == "auto":  # the extra copy is fine for small models, not for a 7B on a 24 GB GPU
+        if peft_model is None:  # gate only (router mode): there are no weights to swap
+            adapter_mode = "lora"
+        elif adapter_mode == "auto":  # the extra copy is fine for small models, not for a 7B on a 24 GB GPU
             adapter_mode = "swap" if _adapted_bytes(peft_model) <= SWAP_MAX_BYTES else "lora"
         self.model = model
         self.peft_model = peft_model
