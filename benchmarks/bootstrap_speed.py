@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, finish, header, machine, median, table, timed, write_json  # noqa: E402
 
 from prism.config import load_config  # noqa: E402
-from prism.distill import _pad, build_example, teacher_topk  # noqa: E402
+from prism.distill import build_example, teacher_topk
+from prism.model.batching import pad as _pad  # noqa: E402
 from prism.io import read_jsonl  # noqa: E402
-from prism.models import ChatModel, Generation, load_model  # noqa: E402
+from prism.model import ChatModel, Generation, load_model  # noqa: E402
 from prism.pipeline import run_pipeline  # noqa: E402
 
 STAGES = ("queries", "answers", "verdicts", "teacher")
@@ -73,7 +74,7 @@ def naive_teacher(model, examples, k, batch_size, pad_id, temperature=2.0):
     out = {}
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
-        ids, mask = _pad([e.teacher_ids for e in part], pad_id)
+        ids, mask, _ = _pad([e.teacher_ids for e in part], pad_id, side="right")
         logits = model(input_ids=ids, attention_mask=mask).logits
         for row, e in enumerate(part):
             span = logits[row, e.teacher_start : e.teacher_start + e.n_response].float()
@@ -174,7 +175,7 @@ def levers(personas, n, workdir: Path) -> list[dict]:
     gen_case("bf16, batch 32, sorted, prefix KV reuse", 32, True, True, "bfloat16")
     gen_case("bf16, batch 48, sorted, prefix KV reuse", 48, True, True, "bfloat16")
 
-    from prism.judges import make_judge
+    from prism.judging.pairwise import make_pairwise_judge as make_judge
 
     triples = [(a["query"], a["answer_persona"], a["answer_base"]) for a in answers]
     model.batch_size, model.prefix_cache = 16, True

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from prism.config import load_config
 from prism.io import atomic_write_json
-from prism.models import load_model
+from prism.model import load_model
 from prism.personas import PersonaRegistry
 from prism.pipeline import run_pipeline
 from prism.routed import PrismModel
-from prism.verifiers import is_french
+from prism.judging.verifiers import is_french
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = ROOT / "examples" / "contexts" / "french.yaml"
@@ -41,7 +41,7 @@ def heldout_questions(path: Path, limit: int) -> list[str]:
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    from prism.judges import wilson as w
+    from prism.judging.sanity import wilson as w
 
     lo, hi = w(k, n)
     return round(lo, 3), round(hi, 3)
@@ -61,7 +61,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = load_config("quick", overrides={
         "persona_dir": str(CONTEXT), "personas": ["french"], "queries.n_per_persona": args.n,
-        "answers.max_new_tokens": 64, "judge.kind": "program", "judge.program": "prism.verifiers:is_french",
+        "answers.max_new_tokens": 64, "judge.kind": "program", "judge.program": "prism.judging.verifiers:is_french",
         "distill.epochs": args.epochs, "distill.lr": args.lr, "queries.persona_in_context": False,
     })
     base = load_model(batch_size=cfg.batch_size)

@@ -9,8 +9,9 @@ import json
 import time
 
 from prism.io import read_jsonl
-from prism.judges import check_judge, make_judge, mismatched_pairs
-from prism.pipeline import model_from_config
+from prism.judging import check_judge, mismatched_pairs
+from prism.judging.pairwise import make_pairwise_judge as make_judge
+from prism.model import load_model_for as model_from_config
 from prism.run import RunDir
 
 
@@ -23,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     run = RunDir(args.run_dir)
     model = model_from_config(run.config())
-    answers = read_jsonl(run.file("answers"))
+    answers = read_jsonl(run.answers)
     triples = mismatched_pairs([(a["query"], a["answer_base"], a["persona"]) for a in answers], args.pairs, args.seed)
     print(f"{len(triples)} pairs x 2 orders from {args.run_dir} on {model.name}")
     print(f"{'judge':<12} {'accuracy':>8} {'95% CI':>13} {'consistency':>11} {'bias':>8} {'seconds':>8}")

@@ -8,10 +8,10 @@ so that every reply is exactly --tokens tokens long (same work for every system)
   base              the plain model (no PEFT wrapper), ChatModel.generate
   adapter on, swap  PrismModel (default adapter_mode="swap": merged weights swapped in), forced on
   adapter on, lora  PrismModel(adapter_mode="lora"): PEFT's unmerged LoRA path, forced on
-  routed            PrismModel.chat: the gate runs inside the request's own prefill (hook on layer 0)
+  routed            PrismModel.chat: a layer-0 pass for the gate, then the reply on the chosen route
 
-Gate cost: the time spent in the layer-0 hook (pooling + MLP + switching the adapter) as a share of
-the whole request, and the separate layer-0 pass the batched server uses (route_prompts).
+Gate cost: the layer-0 pass (route_prompts: embeddings, layer 0, pooling, MLP) as a share of the
+whole routed request.
 Persona prompt vs PRISM: prompt tokens and time to first token (a 1-token reply, prefill included)
 for each persona length (long, short, minimal; several personas and queries), the persona sent in
 the system prompt to the base model, against PRISM's routed request without persona tokens.
@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
 
-    from prism.models import load_model
+    from prism.model import load_model
     from prism.personas import PersonaRegistry
     from prism.routed import PrismModel
 
@@ -63,22 +63,6 @@ def main() -> int:
     def t_forced(pm):
         return lambda: pm.chat(msgs, max_new_tokens=args.tokens, adapter=True).completion_tokens
 
-    hook_times: list[float] = []
-    original = PrismModel._route_in_pass_hook
-
-    def timed_hook(self, holder):
-        inner = original(self, holder)
-
-        def hook(module, inputs, output):
-            deciding = "route" not in holder  # the prefill call decides; decode steps return at once
-            t0 = time.perf_counter()
-            r = inner(module, inputs, output)
-            if deciding:
-                hook_times.append(time.perf_counter() - t0)
-            return r
-        return hook
-
-    PrismModel._route_in_pass_hook = timed_hook
     routed_reply = {}
 
     def t_routed():
@@ -87,19 +71,17 @@ def main() -> int:
         return reply.completion_tokens
 
     cases = [("base", t_base), ("adapter on, swap", t_forced(swap)), ("adapter on, lora", t_forced(lora)),
-             ("routed (gate in the pass)", t_routed)]
+             ("routed", t_routed)]
     times = {name: [] for name, _ in cases}
     tokens = {}
     for _, fn in cases:
         fn()  # warm-up
-    hook_times.clear()
     for _ in range(args.repeats):  # interleaved, so drift hits every case alike
         for name, fn in cases:
             t0 = time.perf_counter()
             tokens[name] = fn()
             times[name].append(time.perf_counter() - t0)
-    request_routed = median(times["routed (gate in the pass)"])
-    gate_in_pass = median(hook_times)
+    request_routed = median(times["routed"])
     t0 = time.perf_counter()
     for _ in range(args.repeats):
         swap.route_prompts([prompt])
@@ -110,10 +92,8 @@ def main() -> int:
            for name, v in times.items()]
     data["end_to_end"] = e2e
     data["route_of_routed_request"] = routed_reply.get("route")
-    data["gate"] = {"in_pass_hook_ms": round(1000 * gate_in_pass, 3),
-                    "share_of_request": round(gate_in_pass / request_routed, 6),
-                    "separate_layer0_pass_ms": round(1000 * gate_separate, 2),
-                    "separate_share_of_request": round(gate_separate / request_routed, 5)}
+    data["gate"] = {"layer0_pass_ms": round(1000 * gate_separate, 2),
+                    "share_of_request": round(gate_separate / request_routed, 5)}
 
     # Persona prompt vs PRISM: prompt tokens and time to first token.
     reg = PersonaRegistry.load(None)
@@ -148,9 +128,8 @@ def main() -> int:
                  [[r["system"], r["seconds"], r["tokens"], r["ms_per_token"], r["vs_base"]] for r in e2e],
                  title=f"{args.tokens}-token greedy reply, batch 1, median of {args.repeats}")
     g = data["gate"]
-    text += (f"\n\ngate inside the request's forward pass: {g['in_pass_hook_ms']} ms = "
-             f"{100 * g['share_of_request']:.4f}% of the routed request; as a separate layer-0 pass (batched "
-             f"server): {g['separate_layer0_pass_ms']} ms = {100 * g['separate_share_of_request']:.3f}%")
+    text += (f"\n\ngate (a layer-0 pass): {g['layer0_pass_ms']} ms = {100 * g['share_of_request']:.3f}% of the "
+             "routed request")
     text += "\n\n" + table(["persona length", "persona prompt tok", "PRISM prompt tok", "tokens saved",
                             "persona TTFT ms", "PRISM TTFT ms", "TTFT persona/PRISM"],
                            [[r["persona_length"], r["persona_prompt_tokens"], r["prism_prompt_tokens"],

@@ -31,7 +31,7 @@ STAGES = ("queries", "answers", "verdicts", "gate", "distill")
 
 def pipeline_scaling(personas, ns, until, fast) -> list[dict]:
     from prism.config import load_config
-    from prism.models import load_model
+    from prism.model import load_model
     from prism.pipeline import run_pipeline
 
     model = load_model(batch_size=16)
@@ -62,7 +62,7 @@ def serve_scaling(run_dir, clients, per_client, max_tokens, time_limit) -> list[
     from serve_load import phase
     from prism.routed import PrismModel
     from prism.serve.app import ServeOptions, create_app
-    from prism.serve.runner import BackgroundServer
+    from prism.serve.server import BackgroundServer
 
     app = create_app(PrismModel.load(run_dir), ServeOptions(max_batch=16, max_queue=128))
     rows = []

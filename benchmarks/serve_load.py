@@ -111,7 +111,7 @@ def main() -> int:
     from prism.pipeline import run_pipeline
     from prism.routed import PrismModel
     from prism.serve.app import ServeOptions, create_app
-    from prism.serve.runner import BackgroundServer
+    from prism.serve.server import BackgroundServer
 
     run_dir = Path(args.run_dir) if args.run_dir else ROOT / "runs" / "serve-bench"
     if not args.run_dir:

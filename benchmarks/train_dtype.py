@@ -12,7 +12,7 @@ import time
 import torch
 
 from prism.distill import lora_config, topk_kl
-from prism.models import decoder_layers, load_model
+from prism.model import decoder_layers, load_model
 
 
 def main() -> None:

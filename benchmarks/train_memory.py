@@ -49,7 +49,8 @@ def main() -> int:
 
     from prism.distill import build_example  # noqa: F401  (imported before timing)
     from prism.io import read_jsonl
-    from prism.models import embedded_model_dir, embedded_gguf_path, load_model
+    from prism.model import load_model
+    from prism.model.loading import embedded_gguf_path, embedded_model_dir
     from prism.pipeline import run_pipeline
     from prism.run import RunDir
 

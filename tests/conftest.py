@@ -9,7 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded SmolLM2-135M-Instruct, loaded once per test session."""
-    from prism.models import load_model
+    from prism.model import load_model
 
     return load_model("embedded", batch_size=8)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prism.distill import build_example, lora_config, student_batch, teacher_topk, topk_kl
-from prism.models import decoder_layers
+from prism.model import decoder_layers
 
 
 def test_topk_kl_is_zero_for_identical_distributions_over_the_full_vocabulary():
@@ -156,7 +156,8 @@ def test_teacher_cache_equals_the_full_logits_of_each_example_alone(embedded):
     with torch.no_grad():
         for e in examples:
             logits = model(input_ids=torch.tensor([e.teacher_ids])).logits[0]
-            span = logits[e.teacher_start : e.teacher_start + e.n_response]
+            start = len(e.teacher_ids) - e.n_response - 1  # the position predicting the first response token
+            span = logits[start : start + e.n_response]
             vals, idx = span.topk(16, dim=-1)
             assert torch.allclose(cache[f"{e.key}.values"], vals, atol=1e-3)
             assert torch.equal(cache[f"{e.key}.indices"], idx.to(torch.int32))

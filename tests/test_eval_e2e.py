@@ -6,17 +6,22 @@ import pytest
 import torch
 
 from prism.eval import run_eval
-from prism.eval.data import load_mmlu
-from prism.eval.systems import LETTERS, MMLU_PREFIX, Systems, mmlu_question
+from prism.bench.data import load_mmlu
+from prism.bench.scoring import LETTERS, MMLU_PREFIX, Scorer, mmlu_conversation, mmlu_question
+from prism.eval.systems import Systems
 
 pytestmark = pytest.mark.slow
 TINY = {"mtbench": 2, "mmlu": 8, "harmbench": 2, "jailbreak": 1, "pku": 2, "xstest": 4}
 
 
-def test_mmlu_letter_scores_match_a_hand_computed_forward_pass(embedded, benchmarks_dir):
+def test_mmlu_letter_scores_match_a_hand_computed_forward_pass(tmp_path, embedded, benchmarks_dir):
     item = load_mmlu(benchmarks_dir, limit=1)[0]
     systems = Systems(embedded)
-    (logprobs, route), = systems.letter_logprobs("base", [item])
+    cell, = systems.cells("base", [item], [mmlu_conversation(item)])
+    scorer = Scorer(embedded, tmp_path, "test")
+    scorer.score_mmlu([cell])
+    logprobs = next(iter(scorer.letters.rows.values()))["logprobs"]
+    route = cell.route
     text = embedded.prompt([{"role": "user", "content": mmlu_question(item)}]) + MMLU_PREFIX
     ids = embedded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -31,8 +36,8 @@ def test_mmlu_letter_scores_match_a_hand_computed_forward_pass(embedded, benchma
 
 def test_tiny_eval_writes_results_and_a_rerun_reuses_every_cached_item(tmp_path, embedded, benchmarks_dir):
     out = tmp_path / "eval"
-    kwargs = dict(model="embedded", chat_model=embedded, preset="quick", quiet=True, data_dir=str(benchmarks_dir),
-                  limits=TINY, mt_max_new_tokens=8, safety_max_new_tokens=8, sanity_pairs=2, n_boot=200)
+    kwargs = dict(model="embedded", chat_model=embedded, preset="micro", quiet=True,
+                  overrides={"data": str(benchmarks_dir), "limits": TINY})
     res = run_eval(out, **kwargs)
     assert set(res["systems"]) == {"base", "persona"}
     base = res["systems"]["base"]
@@ -48,8 +53,8 @@ def test_tiny_eval_writes_results_and_a_rerun_reuses_every_cached_item(tmp_path,
     gens = (out / "generations.jsonl").read_text().splitlines()
     # 2 systems x (2 MT-Bench x 2 turns + 5 safety + 4 xstest)
     assert len(gens) == 2 * (4 + 5 + 4)
-    persona_rows = [json.loads(g) for g in gens if json.loads(g)["system"] == "persona"]
-    assert all(r["route"]["adapter"] is False for r in persona_rows)
+    raw = json.loads((out / "raw.json").read_text())
+    assert all(r["adapter"] is False for r in raw["safety"]["systems"]["persona"]["routes"])
 
     sizes = {p.name: p.stat().st_size for p in out.glob("*.jsonl")}
     again = run_eval(out, **kwargs)

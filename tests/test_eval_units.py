@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism.eval import data as D
-from prism.eval.judges import RatingRequest, judge_messages, parse_rating
-from prism.eval.refusal import is_refusal
-from prism.eval.stats import mean_ci, paired_diff_ci, pearson, spearman
+from prism.bench import data as D
+from prism.judging.rating import RatingRequest, judge_messages, parse_rating
+from prism.judging.refusal import is_refusal
+from prism.bench.stats import mean_ci, paired_diff_ci, pearson, spearman
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -1,7 +1,8 @@
 import pytest
 
-from prism.judges import (Judge, ProgramJudge, check_judge, load_program, make_judge, mismatched_pairs,
-                          parse_verdict, wilson)
+from prism.judging.pairwise import Judge, ProgramJudge, check_judge, load_program, parse_verdict
+from prism.judging.pairwise import make_pairwise_judge as make_judge
+from prism.judging.sanity import mismatched_pairs, wilson
 
 
 @pytest.mark.parametrize("text,letter", [

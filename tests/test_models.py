@@ -5,7 +5,9 @@ import warnings
 
 import pytest
 
-from prism.models import ModelLoadError, load_model, resolve_device, resolve_dtype
+from prism.errors import ModelLoadError
+from prism.model import load_model
+from prism.model.loading import resolve_device, resolve_dtype
 
 # A template like Mistral-7B-Instruct-v0.3's: no system role, raises on one.
 NO_SYSTEM_TEMPLATE = (
@@ -30,7 +32,7 @@ def test_template_without_system_role_moves_persona_to_user_turn_with_warning(em
     original = embedded.tokenizer.chat_template
     try:
         embedded.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
-        from prism.models import _template_has_system_role
+        from prism.model.chat import template_has_system_role as _template_has_system_role
 
         embedded.supports_system_role = _template_has_system_role(embedded.tokenizer)
         embedded._placement_warned = False
@@ -75,7 +77,7 @@ def test_missing_model_and_bad_directories(tmp_path, monkeypatch):
 
 def test_local_directory_and_tokenizer_without_chat_template(embedded, tmp_path):
     src = embedded.source  # the cached safetensors folder of the embedded model
-    from prism.models import embedded_model_dir
+    from prism.model.loading import embedded_model_dir
 
     local = tmp_path / "model"
     shutil.copytree(embedded_model_dir(), local)
@@ -107,7 +109,7 @@ def test_unknown_dtype_and_device():
 
 
 def test_shared_prefixes_groups_sequences_with_a_long_common_start():
-    from prism.models import shared_prefixes
+    from prism.model.batching import shared_prefixes
 
     a, b = [1] * 40 + [2, 3], [1] * 40 + [4]
     same = [7] * 50

@@ -12,7 +12,6 @@ def test_builtin_library_has_the_papers_twelve_personas_at_three_lengths():
     assert sorted(reg.names()) == sorted(TASK + BEHAVIOUR)
     for name in TASK:
         assert reg.get(name).kind == "task" and reg.get(name).category == name
-        assert reg.for_category(name).name == name
     for name in BEHAVIOUR:
         assert reg.get(name).kind == "behaviour"
     for p in reg.personas.values():

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A micro run through all five stages, with its own model copy (the adapter is injected)."""
-    from prism.models import load_model
+    from prism.model import load_model
 
     out = tmp_path_factory.mktemp("run") / "micro"
     cfg = load_config("micro", overrides={"queries.n_per_persona": 6, "judge.kind": "program",
-                                          "judge.program": "prism.verifiers:french_score",
+                                          "judge.program": "prism.judging.verifiers:french_score",
                                           "persona_dir": str(ROOT / "examples" / "contexts" / "french.yaml"),
                                           "personas": ["french", "math"], "distill.epochs": 2,
                                           "queries.persona_in_context": False})
@@ -35,7 +35,7 @@ def test_run_writes_peft_adapter_gate_and_manifest_facts(finished_run):
     from peft import PeftModel
 
     from prism.gate import Gate
-    from prism.models import load_model
+    from prism.model import load_model
 
     m = json.loads((finished_run / "manifest.json").read_text())
     assert all(m["stages"][s]["status"] == "done" for s in m["stages"])
@@ -55,7 +55,7 @@ def test_run_writes_peft_adapter_gate_and_manifest_facts(finished_run):
     assert gate.spec.pooling in ("mean", "last")
 
 
-def test_routed_chat_single_pass_route_equals_separate_gate_pass(finished_run):
+def test_routed_chat_reports_the_gate_route_once_per_conversation(finished_run):
     from prism.routed import PrismModel
 
     model = PrismModel.load(finished_run)
@@ -80,7 +80,7 @@ def test_routed_chat_single_pass_route_equals_separate_gate_pass(finished_run):
 
 
 def test_swapped_merged_weights_equal_the_lora_path_and_restore_the_base_exactly(finished_run):
-    from prism.models import load_model
+    from prism.model import load_model
     from prism.routed import PrismModel
 
     lora_model, swap_model = load_model(), load_model()
@@ -108,7 +108,7 @@ def test_generate_cli_json(finished_run, capsys):
 
 def test_unfinished_run_is_refused(tmp_path, embedded):
     from prism.routed import PrismModel
-    from prism.run import RunError
+    from prism.errors import RunError
 
     run_pipeline(load_config("micro"), tmp_path / "r", until="queries", quiet=True, model=embedded)
     with pytest.raises(RunError, match="stage 'gate' is not finished"):

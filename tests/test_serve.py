@@ -18,7 +18,7 @@ import pytest
 from prism.config import load_config
 from prism.io import read_jsonl
 from prism.pipeline import run_pipeline
-from prism.serve.runner import BackgroundServer, free_port
+from prism.serve.server import BackgroundServer, free_port
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -30,7 +30,7 @@ MICRO = {"persona_length": "minimal"}
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from prism.models import load_model
+    from prism.model import load_model
 
     out = tmp_path_factory.mktemp("serve") / "micro"
     run_pipeline(load_config("micro", overrides=MICRO), out, quiet=True, model=load_model(batch_size=8))
@@ -261,10 +261,11 @@ def test_full_queue_answers_503_and_the_server_recovers(run_dir):
 
 
 def test_router_forwards_to_upstream_by_route(local, run_dir):
-    from prism.serve.router import RouterOptions, create_router_app, discover_base, load_gate_router
+    from prism.routed import PrismModel
+    from prism.serve.router import RouterOptions, create_router_app, discover_base
 
     assert discover_base(local.url, "prism-adapter", KEY) == "prism-base"
-    gate_only = load_gate_router(run_dir)
+    gate_only = PrismModel.load_gate_only(run_dir)
     assert len(gate_only.model.model.model.layers) == 1  # the router holds layer 0 only
     app = create_router_app(gate_only, RouterOptions(upstream=local.url, upstream_base="prism-base",
                                                      upstream_api_key=KEY, context_length=CONTEXT))
@@ -374,7 +375,7 @@ def test_training_finishes_under_accelerate_launch(remote_run):
 
 
 def test_several_processes_only_share_distillation(tmp_path, monkeypatch, embedded):
-    from prism.run import RunError
+    from prism.errors import RunError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunError, match="only share stage 5"):
@@ -386,7 +387,7 @@ def test_exported_adapter_is_the_same_function(run_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from prism.models import load_model
+    from prism.model import load_model
     from prism.serve.export import export_adapter
 
     info = export_adapter(run_dir, tmp_path / "export")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from prism.cli import main
-from prism.eval.systems import DEFAULT_PERSONA_MAP
+from prism.bench.data import DEFAULT_PERSONA_MAP
 from prism.study import load_study_config, run_study
 
 pytestmark = pytest.mark.slow
@@ -20,8 +20,8 @@ SETTINGS = {"personas": ["math", "writing"], "lengths": ["long", "minimal"], "pl
 
 def test_study_runs_reports_and_reuses_its_cache(tmp_path, embedded, benchmarks_dir, capsys):
     out = tmp_path / "study"
-    cfg = load_study_config("micro", overrides=SETTINGS)
-    first = run_study(out, models=[embedded], cfg=cfg, data_dir=benchmarks_dir, quiet=True)
+    cfg = load_study_config("micro", overrides={**SETTINGS, "data": str(benchmarks_dir)})
+    first = run_study(out, models=[embedded], cfg=cfg, quiet=True)
     scored = json.loads((out / "models" / "SmolLM2-135M-Instruct-Q4_1" / "scores.json").read_text())
     rows = scored["rows"]
     n_items = 2 + 2 + 1 + 1
@@ -65,6 +65,6 @@ def test_study_runs_reports_and_reuses_its_cache(tmp_path, embedded, benchmarks_
 def test_study_cli_rejects_bad_settings(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path / "s"), "--lengths", "long,tiny"]) == 2
     assert "lengths" in capsys.readouterr().err
-    assert main(["study", "--out", str(tmp_path / "s"), "--personas", "math,astrologer", "--preset", "micro",
+    assert main(["study", "--out", str(tmp_path / "s"), "--only", "math,astrologer", "--preset", "micro",
                  "--benchmarks", "mmlu", "--limit", "mmlu=1"]) == 2
     assert "astrologer" in capsys.readouterr().err

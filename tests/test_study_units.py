@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from prism.config import ConfigError
-from prism.eval.stats import paired_diff_ci, sign_flip_p
-from prism.eval.systems import DEFAULT_PERSONA_MAP
+from prism.bench.stats import paired_diff_ci, sign_flip_p
+from prism.bench.data import DEFAULT_PERSONA_MAP
 from prism.personas import PersonaRegistry
 from prism.study.analysis import all_tests, analyse, benjamini_hochberg, mark_significance, significant
-from prism.study.grid import NONE, Condition, expand_grid, load_study_config, persona_for, random_persona
+from prism.config import load_study_config
+from prism.study.grid import NONE, Condition, expand_grid, persona_for, random_persona
 
 NAMES = PersonaRegistry.builtin().names()
 

@@ -6,9 +6,9 @@ serve the routed model. The public API:
     from prism import load_config, run_pipeline, PrismModel, PersonaRegistry, load_model
 """
 
-__version__ = "0.1.0"
+import warnings
 
-import warnings  # noqa: E402
+from prism.version import __version__
 
 # PEFT still calls a transformers API deprecated in v5; the warning is noise for our users.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -22,7 +22,7 @@ __all__ = ["PrismConfig", "load_config", "Persona", "PersonaRegistry", "load_mod
 
 def __getattr__(name):  # heavy modules (torch, transformers) load on first use
     if name == "load_model":
-        from prism.models import load_model
+        from prism.model import load_model
 
         return load_model
     if name == "run_pipeline":

@@ -1,4 +1,5 @@
-"""The `prism` command. Each subcommand imports its code only when it runs."""
+"""The `prism` command: subcommands built from one table of flags, each importing its code only
+when it runs (so `prism --help`, `prism config` and `prism personas` never load torch)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,126 @@ import argparse
 import json
 import logging
 import sys
-from prism.config import PRESETS, STAGES
+import traceback
+from typing import Any, Callable
+
+from prism.config import EVAL_PRESETS, PRESETS, STAGES, STUDY_PRESETS
+from prism.errors import PrismError
 
 EXIT_USAGE = 2
+
+
+# ----- the flag vocabulary: each flag is defined once and means the same in every subcommand ------
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
+def _pairs(text: str) -> dict[str, str]:
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected name=value pairs separated by commas, got {part!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _limits(text: str) -> dict[str, int]:
+    out = {}
+    for name, value in _pairs(text).items():
+        if not value.isdigit():
+            raise argparse.ArgumentTypeError(f"limits take name=N pairs (e.g. mmlu=100,mtbench=16), got {name}={value}")
+        out[name] = int(value)
+    return out
+
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+# flag -> (help, the settings key it sets or None, argparse options)
+FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    # what and where
+    "--model": ("the model: 'embedded' (default), a local model directory or a hub id", "model", {}),
+    "--out": ("output directory (resumable: run the same command again after a kill)", None, {}),
+    "--config": ("YAML file of settings; overrides the preset, flags override it", None, {}),
+    "--data": ("benchmark data folder (default: ../shared/benchmarks or $PRISM_BENCHMARKS)", "data", {}),
+    "--quiet": ("no progress bars or info logs", None, {"action": "store_true"}),
+    "--seed": ("random seed", "seed", {"type": int}),
+    # personas
+    "--personas": ("extra personas: a directory of YAML files or one YAML file", "persona_dir", {}),
+    "--only": ("comma-separated persona names to use (default: all in the registry)", "personas", {"type": _names}),
+    "--length": ("persona length", "persona_length", {"choices": ["long", "short", "minimal"]}),
+    "--placement": ("where the persona goes: the system turn or the first user turn", "placement",
+                    {"choices": ["system", "user"]}),
+    "--persona-map": ("category=persona overrides of the expert match, e.g. other=critic", "persona_map",
+                      {"type": _pairs}),
+    # model loading
+    "--dtype": ("weights dtype (bfloat16 is faster on CPUs with bf16 units)", "dtype", {"choices": DTYPES}),
+    "--infer-dtype": ("cast the weights to this dtype for stages 1-3 and the teacher logits; training keeps "
+                      "--dtype", "infer_dtype", {"choices": ["model", "float32", "bfloat16", "float16"]}),
+    "--device": ("where the model runs", "device", {"choices": ["auto", "cpu", "cuda", "mps"]}),
+    "--batch-size": ("prompts per forward pass", "batch_size", {"type": int}),
+    "--trust-remote-code": ("allow model repositories to run their own code (off by default)", "trust_remote_code",
+                            {"action": "store_true", "default": None}),
+    # the pipeline
+    "--n": ("queries per persona", "queries.n_per_persona", {"type": int}),
+    "--judge": ("stage-3 judge kind", "judge.kind", {"choices": ["prompted", "likelihood", "generate", "program"]}),
+    "--generator-url": ("generate stages 1-3 on this OpenAI-compatible server (vLLM, SGLang, prism serve); key in "
+                        "PRISM_GENERATOR_API_KEY", "generator_url", {}),
+    "--generator-served-model": ("the model's name on that server (default: its first)", "generator_model", {}),
+    "--generator-concurrency": ("requests in flight to that server", "generator_concurrency", {"type": int}),
+    # judges (in `run`, --judge-model is the stage-3 judge; in eval and study, the MT-Bench judge)
+    "--judge-model": ("another local model (directory or hub id) as the judge instead of the model itself",
+                      "judge.model", {}),
+    "--judge-url": ("an OpenAI-compatible endpoint as the MT-Bench judge", "judge.url", {}),
+    "--judge-served-model": ("the judge's model name at --judge-url (default: its first)", "judge.served_model", {}),
+    "--judge-key-env": ("environment variable holding the --judge-url API key", "judge.key_env", {}),
+    "--refusal": ("refusal classifier: the documented patterns, or the model as a judge", "refusal",
+                  {"choices": ["pattern", "judge"]}),
+    "--limit": ("per-benchmark item limits, e.g. mmlu=200,mtbench=80,harmbench=100", "limits", {"type": _limits}),
+    "--benchmarks": ("comma-separated benchmarks to score", "benchmarks", {"type": _names}),
+    # eval and study
+    "--systems": ("comma-separated subset of base,persona,ungated,prism", "systems", {"type": _names}),
+    "--shots": ("MMLU few-shot examples from the dev file", "mmlu_shots", {"type": int}),
+    "--lengths": ("comma-separated persona lengths of the grid (long,short,minimal)", "lengths", {"type": _names}),
+    "--placements": ("comma-separated placements of the grid (system,user)", "placements", {"type": _names}),
+    "--cross": ("reference: every persona at the reference cell only; full: everywhere", "cross",
+                {"choices": ["reference", "full"]}),
+    # generation from a finished run
+    "--max-new-tokens": ("reply length limit", None, {"type": int, "default": 256}),
+    "--temperature": ("0 = greedy", None, {"type": float, "default": 0.0}),
+    "--top-p": ("nucleus sampling mass", None, {"type": float, "default": 1.0}),
+    "--adapter": ("force the route instead of asking the gate", None,
+                  {"choices": ["auto", "on", "off"], "default": "auto"}),
+}
+
+RUN_SETTINGS = ["--model", "--config", "--personas", "--only", "--length", "--placement", "--n", "--judge",
+                "--judge-model", "--seed", "--batch-size", "--dtype", "--infer-dtype", "--device",
+                "--trust-remote-code", "--generator-url", "--generator-served-model", "--generator-concurrency"]
+JUDGE_SETTINGS = ["--judge-model", "--judge-url", "--judge-served-model", "--judge-key-env", "--refusal"]
+GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter"]
+
+
+def _add(p: argparse.ArgumentParser, names: list[str], study_models: bool = False) -> None:
+    for name in names:
+        help_, _, kwargs = FLAGS[name]
+        if name == "--model" and study_models:  # the study compares several models: repeat the flag
+            kwargs = {**kwargs, "action": "append"}
+        p.add_argument(name, help=help_, dest=name.lstrip("-").replace("-", "_"), **kwargs)
+
+
+def _overrides(args, names: list[str], rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """Settings overrides from the flags given, through the one flag -> key table."""
+    out = {}
+    for name in names:
+        key = (rename or {}).get(name, FLAGS[name][1])
+        value = getattr(args, name.lstrip("-").replace("-", "_"), None)
+        if key and value is not None:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -21,60 +139,17 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="'embedded' (default), a local model directory or a hub id")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named settings (default: quick)")
-    p.add_argument("--config", help="YAML file of settings; overrides the preset")
-    p.add_argument("--personas", help="extra personas: a directory of YAML files or one YAML file")
-    p.add_argument("--only", help="comma-separated persona names to use (default: all)")
-    p.add_argument("--length", choices=["long", "short", "minimal"], help="persona length")
-    p.add_argument("--placement", choices=["system", "user"], help="where the persona goes")
-    p.add_argument("--n", type=int, dest="n_per_persona", help="queries per persona")
-    p.add_argument("--judge", choices=["prompted", "likelihood", "generate", "program"], help="judge kind")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--infer-dtype", choices=["model", "float32", "bfloat16", "float16"],
-                   help="cast the weights to this dtype for stages 1-3 and the teacher logits (bfloat16: 1.8x "
-                        "faster generation on CPUs with AVX512-BF16); training keeps --dtype")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow model repositories to run their own code (off by default)")
-    p.add_argument("--generator-url", help="generate stages 1-3 on this OpenAI-compatible server (vLLM, SGLang, "
-                                           "prism serve); key in PRISM_GENERATOR_API_KEY")
-    p.add_argument("--generator-model", help="the model's name on that server (default: its first model)")
-    p.add_argument("--generator-concurrency", type=int, help="requests in flight to that server (default 16)")
-
-
-def _resolve_config(args):
+# ----- subcommands ---------------------------------------------------------------------------
+def _run_config(args):
     from prism.config import load_config
 
-    overrides = {
-        "model": args.model,
-        "persona_dir": args.personas,
-        "personas": [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None,
-        "persona_length": args.length,
-        "placement": args.placement,
-        "queries.n_per_persona": args.n_per_persona,
-        "judge.kind": args.judge,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "infer_dtype": getattr(args, "infer_dtype", None),
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-        "generator_url": args.generator_url,
-        "generator_model": args.generator_model,
-        "generator_concurrency": args.generator_concurrency,
-    }
-    return load_config(args.preset, args.config, overrides)
+    return load_config(args.preset, args.config, _overrides(args, RUN_SETTINGS))
 
 
 def cmd_run(args) -> int:
     from prism.pipeline import run_pipeline
 
-    config = _resolve_config(args)
-    run = run_pipeline(config, args.out, until=args.until, quiet=args.quiet)
+    run = run_pipeline(_run_config(args), args.out, until=args.until, quiet=args.quiet)
     print(_stage_table(run.path, run.manifest))
     return 0
 
@@ -88,6 +163,13 @@ def _stage_table(path, manifest: dict) -> str:
         secs = f"{info['seconds']:.1f}" if "seconds" in info else "-"
         lines.append(f"{name:<10} {info.get('status', 'pending'):<8} {secs:>8}  {facts}")
     return "\n".join(lines)
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_run_config(args).to_dict(), sort_keys=False), end="")
+    return 0
 
 
 def cmd_personas(args) -> int:
@@ -105,30 +187,20 @@ def cmd_personas(args) -> int:
     return 0
 
 
-def cmd_config(args) -> int:
-    import yaml
-
-    print(yaml.safe_dump(_resolve_config(args).to_dict(), sort_keys=False), end="")
-    return 0
-
-
 def _load_routed(args):
     from prism.routed import PrismModel
 
     return PrismModel.load(args.run_dir, route_every_turn=getattr(args, "route_every_turn", False))
 
 
-def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--adapter", choices=["auto", "on", "off"], default="auto", help="force the route")
-
-
 def _forced(args) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.adapter]
+
+
+def _route_line(route) -> str:
+    state = "ON" if route.adapter else "off"
+    how = "forced" if route.forced else f"gate {route.score:.3f} vs threshold {route.threshold:.3f}"
+    return f"[route: adapter {state}, {how}]"
 
 
 def cmd_generate(args) -> int:
@@ -142,12 +214,6 @@ def cmd_generate(args) -> int:
         print(reply.text)
         print(_route_line(reply.route), file=sys.stderr)
     return 0
-
-
-def _route_line(route) -> str:
-    state = "ON" if route.adapter else "off"
-    how = "forced" if route.forced else f"gate {route.score:.3f} vs threshold {route.threshold:.3f}"
-    return f"[route: adapter {state}, {how}]"
 
 
 def cmd_chat(args) -> int:
@@ -174,35 +240,25 @@ def cmd_chat(args) -> int:
         print(f"prism> {reply.text}\n{_route_line(reply.route)}", flush=True)
 
 
-def _parse_limits(text: str | None) -> dict[str, int]:
-    limits = {}
-    for part in (text or "").split(","):
-        if part.strip():
-            name, _, value = part.partition("=")
-            if not value.strip().isdigit():
-                raise ValueError(f"--limit takes name=N pairs (e.g. mmlu=100,mtbench=16), got {part!r}")
-            limits[name.strip()] = int(value)
-    return limits
+EVAL_SETTINGS = ["--data", "--limit", "--systems", "--benchmarks", "--shots", "--length", "--placement",
+                 "--persona-map", "--seed", *JUDGE_SETTINGS]
 
 
 def cmd_eval(args) -> int:
-    from prism.eval import run_eval
-
-    limits = _parse_limits(args.limit)
-    persona_map = dict(p.split("=", 1) for p in (args.persona_map or "").split(",") if "=" in p)
-    results = run_eval(
-        args.out, run_dir=args.run_dir, model=args.model, preset=args.preset, quiet=args.quiet,
-        data_dir=args.data, limits=limits or None,
-        systems=tuple(args.systems.split(",")) if args.systems else None,
-        benchmarks=tuple(args.benchmarks.split(",")) if args.benchmarks else None,
-        mmlu_shots=args.shots, judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
-        judge_key_env=args.judge_key_env, refusal=args.refusal, persona_map=persona_map or None,
-    )
     from pathlib import Path
 
-    print((Path(args.out) / "table.md").read_text())
-    print(f"results: {Path(args.out) / 'results.json'}; plots: {', '.join(results.get('plots', []))}")
+    from prism.eval import run_eval
+
+    results = run_eval(args.out, run_dir=args.run_dir, model=args.model, preset=args.preset,
+                       config_file=args.config, overrides=_overrides(args, EVAL_SETTINGS), quiet=args.quiet)
+    out = Path(results["out"])
+    print((out / "table.md").read_text())
+    print(f"results: {out / 'results.json'}; plots: {', '.join(results.get('plots', []))}")
     return 0
+
+
+STUDY_SETTINGS = ["--model", "--data", "--only", "--personas", "--lengths", "--placements", "--cross",
+                  "--benchmarks", "--limit", "--persona-map", "--seed", "--dtype", "--batch-size", *JUDGE_SETTINGS]
 
 
 def cmd_study(args) -> int:
@@ -210,16 +266,9 @@ def cmd_study(args) -> int:
 
     from prism.study import run_study
 
-    limits = _parse_limits(args.limit)
-    overrides = {"personas": args.personas.split(",") if args.personas else None,
-                 "lengths": args.lengths.split(",") if args.lengths else None,
-                 "placements": args.placements.split(",") if args.placements else None,
-                 "benchmarks": args.benchmarks.split(",") if args.benchmarks else None,
-                 "limits": limits or None, "persona_dir": args.persona_dir, "judge": args.judge,
-                 "judge_url": args.judge_url, "judge_model": args.judge_model, "refusal": args.refusal,
-                 "cross": args.cross, "dtype": args.dtype}
-    results = run_study(args.out, models=args.model or None, preset=args.preset, config_file=args.config,
-                        overrides=overrides, data_dir=args.data, quiet=args.quiet)
+    overrides = _overrides(args, STUDY_SETTINGS, rename={"--model": "models"})
+    results = run_study(args.out, preset=args.preset, config_file=args.config, overrides=overrides,
+                        quiet=args.quiet)
     out = Path(args.out)
     print((out / "findings.md").read_text())
     print(f"report: {out / 'report.html'}; results: {out / 'results.json'}; figures: {out / 'figures'}; "
@@ -228,7 +277,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from prism.serve.runner import serve
+    from prism.serve.server import serve
 
     serve(args.run_dir, args.host, args.port, args.api_key, upstream=args.upstream, upstream_base=args.upstream_base,
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
@@ -240,120 +289,82 @@ def cmd_serve(args) -> int:
 def cmd_export_adapter(args) -> int:
     from prism.serve.export import export_adapter
 
-    info = export_adapter(args.run_dir, args.out)
-    print(json.dumps(info, indent=2))
+    print(json.dumps(export_adapter(args.run_dir, args.out), indent=2))
     return 0
 
 
-def _build_parser() -> argparse.ArgumentParser:
+# ----- the parser ----------------------------------------------------------------------------------
+RUN_DIR = ("run_dir", {"help": "a finished run directory"})
+
+
+def _preset(presets) -> tuple:
+    return ("--preset", {"choices": sorted(presets), "help": "named settings (default: quick)"})
+
+
+# name -> (help, handler, arguments: a FLAGS name, or (name, argparse options) for one of its own)
+SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
+    "run": ("run the pipeline (resumes a run in --out)", cmd_run, [
+        *RUN_SETTINGS, _preset(PRESETS), ("--until", {"choices": STAGES, "help": "stop after this stage"}), "--quiet",
+        ("--out", {"required": True, "help": FLAGS["--out"][0]})]),
+    "config": ("print the resolved run settings as YAML", cmd_config, [*RUN_SETTINGS, _preset(PRESETS)]),
+    "personas": ("list the persona registry", cmd_personas, ["--personas", ("--show", {"help": "one persona's texts"})]),
+    "eval": ("base / expert prompting / ungated / PRISM on MT-Bench, MMLU, safety, XSTest", cmd_eval, [
+        ("run_dir", {"nargs": "?", "help": "a finished run directory (all four systems)"}),
+        ("--model", {"help": "evaluate a model without a run: base and persona rows only"}),
+        ("--out", {"help": "results directory (resumable; default RUN_DIR/eval)"}), _preset(EVAL_PRESETS),
+        "--config", *EVAL_SETTINGS, "--quiet"]),
+    "study": ("the persona-effect study: persona x length x placement x task, with CIs", cmd_study, [
+        ("--out", {"required": True, "help": "results directory (resumable; a re-run reuses every cached row)"}),
+        _preset(STUDY_PRESETS), "--config", "--quiet", *STUDY_SETTINGS]),
+    "generate": ("one reply from a finished run, with its route", cmd_generate, [
+        RUN_DIR, *GENERATION, ("--prompt", {"required": True, "help": "the user message"}),
+        ("--system", {"help": "an optional system message"}),
+        ("--json", {"action": "store_true", "help": "print the reply, route and usage as JSON"})]),
+    "chat": ("interactive chat with a finished run; prints each reply's route", cmd_chat, [
+        RUN_DIR, *GENERATION,
+        ("--route-every-turn", {"action": "store_true", "help": "route each turn, not once per conversation"})]),
+    "serve": ("serve a finished run over an OpenAI-compatible HTTP API", cmd_serve, [
+        RUN_DIR, ("--host", {"default": "127.0.0.1", "help": "address to bind (default: loopback only)"}),
+        ("--port", {"type": int, "default": 8000}),
+        ("--api-key", {"help": "require 'Authorization: Bearer KEY' (or set PRISM_API_KEY)"}),
+        ("--max-batch", {"type": int, "help": "requests decoded together (default 16)"}),
+        ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
+        ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask (default 2048)"}),
+        ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's)"}),
+        ("--upstream", {"help": "router mode: gate here, generate on this OpenAI-compatible server"}),
+        ("--upstream-base", {"help": "the upstream's base model name (default: the adapter's parent)"}),
+        ("--upstream-adapter", {"default": "prism-adapter", "help": "the upstream's name for the LoRA"}),
+        ("--upstream-api-key", {"help": "key for the upstream (or set PRISM_UPSTREAM_API_KEY)"})]),
+    "export-adapter": ("write the run's LoRA in a form vLLM and SGLang load", cmd_export_adapter, [
+        RUN_DIR, ("--out", {"required": True, "help": "directory for the exported adapter"})]),
+}
+QUIET_BY_DEFAULT = {"config", "personas", "generate", "chat", "export-adapter"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="run the pipeline (resumes a run in --out)")
-    _config_args(p)
-    p.add_argument("--until", choices=STAGES, help="stop after this stage (default: all)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    p.set_defaults(fn=cmd_run)
-
-    p = sub.add_parser("config", help="print the resolved config as YAML")
-    _config_args(p)
-    p.set_defaults(fn=cmd_config, quiet=True)
-
-    p = sub.add_parser("personas", help="list the persona registry")
-    p.add_argument("--personas", help="extra personas: a directory or YAML file")
-    p.add_argument("--show", help="print one persona's texts")
-    p.set_defaults(fn=cmd_personas, quiet=True)
-
-    p = sub.add_parser("eval", help="base / expert prompting / ungated / PRISM on MT-Bench, MMLU, safety, XSTest")
-    p.add_argument("run_dir", nargs="?", help="a finished run directory (all four systems)")
-    p.add_argument("--model", help="evaluate a model without a run: base and persona rows only")
-    p.add_argument("--out", required=True, help="results directory (resumable)")
-    p.add_argument("--preset", default="quick", choices=["quick", "full"])
-    p.add_argument("--data", help="benchmark data folder (default: ../shared/benchmarks or $PRISM_BENCHMARKS)")
-    p.add_argument("--limit", help="per-benchmark item limits, e.g. mmlu=200,mtbench=80,harmbench=100")
-    p.add_argument("--systems", help="comma-separated subset of base,persona,ungated,prism")
-    p.add_argument("--benchmarks", help="comma-separated subset of mtbench,mmlu,safety,xstest")
-    p.add_argument("--shots", type=int, default=0, help="MMLU few-shot examples from the dev file")
-    p.add_argument("--judge", default="self", help="MT-Bench judge: self, or a local model directory / hub id")
-    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for the MT-Bench judge")
-    p.add_argument("--judge-model", help="model name at --judge-url")
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--refusal", default="pattern", choices=["pattern", "judge"], help="refusal classifier")
-    p.add_argument("--persona-map", help="category=persona overrides, e.g. other=critic,pku=helpful")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_eval)
-
-    p = sub.add_parser("study", help="the persona-effect study: persona x length x placement x task, with CIs")
-    p.add_argument("--model", action="append", help="model to study (repeat for several; default: the embedded one)")
-    p.add_argument("--out", required=True, help="results directory (resumable; a re-run reuses every cached row)")
-    p.add_argument("--preset", default="quick", choices=["quick", "full", "micro"])
-    p.add_argument("--config", help="YAML file of study settings (see prism.study.grid.StudyConfig)")
-    p.add_argument("--data", help="benchmark data folder (default: ../shared/benchmarks or $PRISM_BENCHMARKS)")
-    p.add_argument("--personas", help="comma-separated personas (default: all in the registry)")
-    p.add_argument("--persona-dir", help="extra personas: a directory or YAML file")
-    p.add_argument("--lengths", help="comma-separated subset of long,short,minimal")
-    p.add_argument("--placements", help="comma-separated subset of system,user")
-    p.add_argument("--cross", choices=["reference", "full"],
-                   help="reference: every persona at the reference length/placement only; full: everywhere")
-    p.add_argument("--benchmarks", help="comma-separated subset of mtbench,mmlu,safety")
-    p.add_argument("--limit", help="per-set item limits, e.g. mmlu=200,mtbench=80,harmbench=50")
-    p.add_argument("--judge", help="MT-Bench judge: self, or a local model directory / hub id")
-    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for the MT-Bench judge")
-    p.add_argument("--judge-model", help="model name at --judge-url")
-    p.add_argument("--refusal", choices=["pattern", "judge"], help="refusal classifier")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default float32; bfloat16 is faster on CPUs with bf16 units)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_study)
-
-    p = sub.add_parser("generate", help="one reply from a finished run, with its route")
-    _gen_args(p)
-    p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--system", help="an optional system message")
-    p.add_argument("--json", action="store_true", help="print the reply, route and usage as JSON")
-    p.set_defaults(fn=cmd_generate, quiet=True)
-
-    p = sub.add_parser("chat", help="interactive chat with a finished run; prints each reply's route")
-    _gen_args(p)
-    p.add_argument("--route-every-turn", action="store_true", help="route each turn, not once per conversation")
-    p.set_defaults(fn=cmd_chat, quiet=True)
-
-    p = sub.add_parser("serve", help="serve a finished run over an OpenAI-compatible HTTP API")
-    p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PRISM_API_KEY)")
-    p.add_argument("--max-batch", type=int, help="requests decoded together (default 16)")
-    p.add_argument("--max-queue", type=int, help="waiting requests before 503 answers (default 64)")
-    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 2048)")
-    p.add_argument("--context-length", type=int, help="prompt + max_tokens limit (default: the model's)")
-    p.add_argument("--upstream", help="router mode: gate here, generate on this OpenAI-compatible server "
-                                      "(vLLM with --enable-lora)")
-    p.add_argument("--upstream-base", help="the upstream's base model name (default: the adapter's parent)")
-    p.add_argument("--upstream-adapter", default="prism-adapter", help="the upstream's name for the LoRA")
-    p.add_argument("--upstream-api-key", help="key for the upstream (or set PRISM_UPSTREAM_API_KEY)")
-    p.set_defaults(fn=cmd_serve, quiet=False)
-
-    p = sub.add_parser("export-adapter", help="write the run's LoRA in a form vLLM and SGLang load")
-    p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--out", required=True, help="directory for the exported adapter")
-    p.set_defaults(fn=cmd_export_adapter, quiet=True)
+    for name, (help_, fn, arguments) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
+        for arg in arguments:
+            if isinstance(arg, str):
+                _add(p, [arg], study_models=name == "study")
+            else:
+                p.add_argument(arg[0], **arg[1])
+        p.set_defaults(fn=fn, **({"quiet": True} if name in QUIET_BY_DEFAULT else {}))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prism.config import ConfigError
-    from prism.models import ModelLoadError
-    from prism.personas import PersonaError
-    from prism.run import RunError
-    from prism.serve.openai_backend import GeneratorError
-
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
         return args.fn(args)
-    except (ConfigError, ModelLoadError, PersonaError, RunError, GeneratorError, ValueError) as e:
+    except (PrismError, ValueError, OSError) as e:  # the user's input or files: one line, no traceback
+        if args.debug:
+            traceback.print_exc()
         print(f"prism: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,19 +1,18 @@
-"""The one configuration object of a PRISM run, its presets, and YAML/flag merging.
-
-A config is built as: preset -> YAML file -> command-line flags, each layer overriding the one
-before. Unknown keys are errors (a typo must not silently fall back to a default).
-"""
+"""Every setting of prism, typed and validated: the run (`PrismConfig`), the evaluation
+(`EvalConfig`) and the persona-effect study (`StudyConfig`), each with named presets. One loader
+merges preset -> YAML file -> flags; unknown keys are errors (a typo must not fall back to a default)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prism.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded"
 
@@ -23,11 +22,13 @@ JudgeKind = Literal["prompted", "likelihood", "generate", "program"]
 STAGES = ("queries", "answers", "verdicts", "gate", "distill")
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A block of settings: frozen, and unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class QueryConfig(_Section):
+class QueryConfig(Section):
     """Stage 1: the model writes its own queries for each persona."""
 
     n_per_persona: int = Field(8, ge=1)
@@ -41,7 +42,7 @@ class QueryConfig(_Section):
     persona_in_context: bool = True
 
 
-class AnswerConfig(_Section):
+class AnswerConfig(Section):
     """Stage 2: one answer without the persona and one with it, per query."""
 
     temperature: float = Field(0.7, ge=0)  # 0 means greedy
@@ -49,7 +50,7 @@ class AnswerConfig(_Section):
     max_new_tokens: int = Field(96, ge=1)
 
 
-class JudgeConfig(_Section):
+class JudgeConfig(Section):
     """Stage 3: the model judges its own pairs (see prism.stages.verdicts for each kind)."""
 
     kind: JudgeKind = "likelihood"
@@ -66,7 +67,7 @@ class JudgeConfig(_Section):
         return self
 
 
-class GateConfig(_Section):
+class GateConfig(Section):
     """Stage 4: the MLP that decides per prompt whether the adapter is used."""
 
     pooling: Literal["auto", "last", "mean"] = "auto"  # auto: train both, keep the better
@@ -80,7 +81,7 @@ class GateConfig(_Section):
     min_examples: int = Field(8, ge=2)  # fewer (or a single class) -> constant gate
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """Stage 5: self-distillation of the persona into one LoRA."""
 
     rank: int = Field(16, ge=1)
@@ -101,7 +102,7 @@ class DistillConfig(_Section):
     train_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-class PrismConfig(_Section):
+class PrismConfig(Section):
     """Everything a run needs. Stored resolved in the run's manifest."""
 
     model: str = EMBEDDED_MODEL
@@ -135,11 +136,6 @@ class PrismConfig(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
-
-    def fingerprint(self) -> str:
-        """Hash of the settings that change what a run produces."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # Presets are plain override dicts on top of the defaults, so each one reads as a diff.
@@ -181,10 +177,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "quick"
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the source and the problem."""
-
-
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -209,15 +201,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(
+S = TypeVar("S", bound=BaseModel)
+
+
+def load_settings(
+    cls: type[S],
+    presets: dict[str, dict[str, Any]],
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
-) -> PrismConfig:
-    """Resolve preset -> YAML file -> overrides into one validated PrismConfig.
+    default_preset: str | None = None,
+    what: str = "run",
+) -> S:
+    """Resolve preset -> YAML file -> overrides into one validated `cls`.
 
     A YAML file may name its own preset (`preset: paper`); an explicit `preset` argument wins.
-    Overrides may use dotted keys (`{"queries.n_per_persona": 4}`).
+    Overrides may use dotted keys (`{"queries.n_per_persona": 4}`); None values are skipped.
     """
     file_data: dict[str, Any] = {}
     source = "settings"
@@ -228,18 +227,28 @@ def load_config(
         if preset is None and file_preset:
             preset = str(file_preset)
         source = f"config file {path}"
-    preset = preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    merged = deep_merge(PRESETS[preset], file_data)
+    preset = preset or default_preset or next(iter(presets))
+    if preset not in presets:
+        raise ConfigError(f"unknown {what} preset {preset!r}; choose one of {', '.join(presets)}")
+    merged = deep_merge(presets[preset], file_data)
     merged = deep_merge(merged, _undot(overrides or {}))
     try:
-        return PrismConfig(**merged)
+        return cls(**merged)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
         )
-        raise ConfigError(f"invalid {source} (preset {preset!r}): {problems}") from None
+        raise ConfigError(f"invalid {what} {source} (preset {preset!r}): {problems}") from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PrismConfig:
+    """The settings of a run (see load_settings)."""
+    return load_settings(PrismConfig, PRESETS, preset, config_file, overrides, DEFAULT_PRESET)
 
 
 def _undot(flat: dict[str, Any]) -> dict[str, Any]:
@@ -253,3 +262,118 @@ def _undot(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+# ----- evaluation and study settings ---------------------------------------------------------
+ItemLimit = Annotated[int, Field(ge=0)] | None  # None = all items
+# The benchmark files a limit can name (the study scores no xstest).
+EvalSet = Literal["mtbench", "mmlu", "harmbench", "jailbreak", "pku", "xstest"]
+StudySet = Literal["mtbench", "mmlu", "harmbench", "jailbreak", "pku"]
+
+
+class RatingJudgeConfig(Section):
+    """Who grades MT-Bench answers (1-10): the evaluated model itself, another local model, or an
+    OpenAI-compatible endpoint."""
+
+    model: str = "self"  # "self" or a local model directory / hub id
+    url: str | None = None  # an OpenAI-compatible endpoint; wins over `model`
+    served_model: str | None = None  # the model's name at `url`; None = the server's first model
+    key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's API key
+
+
+class ScoringConfig(Section):
+    """What eval and study share: the data, the item limits, the answer lengths and the judges."""
+
+    data: str | None = None  # benchmark folder; None = ../shared/benchmarks or $PRISM_BENCHMARKS
+    limits: dict[EvalSet, ItemLimit] = {}
+    mt_max_new_tokens: int = Field(512, ge=1)
+    safety_max_new_tokens: int = Field(256, ge=1)
+    persona_map: dict[str, str] = {}  # category -> persona overrides of the default expert match
+    judge: RatingJudgeConfig = RatingJudgeConfig()
+    refusal: Literal["pattern", "judge"] = "pattern"
+    sanity_pairs: int = Field(16, ge=0)
+    seed: int = 0
+    n_boot: int = Field(2000, ge=100)
+
+
+EvalSystem = Literal["base", "persona", "ungated", "prism"]
+EvalBenchmark = Literal["mtbench", "mmlu", "safety", "xstest"]
+
+
+class EvalConfig(ScoringConfig):
+    """`prism eval`: which systems are compared on which benchmarks."""
+
+    systems: tuple[EvalSystem, ...] = Field(("base", "persona", "ungated", "prism"), min_length=1)
+    benchmarks: tuple[EvalBenchmark, ...] = Field(("mtbench", "mmlu", "safety", "xstest"), min_length=1)
+    mmlu_shots: int = Field(0, ge=0, le=5)
+    persona_length: PersonaLength | None = None  # None = the run's
+    placement: Placement | None = None  # None = the run's
+
+
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    # All four systems and all benchmarks on the embedded model in about 20 minutes (MT-Bench's
+    # two turns and long judge prompts dominate: 16 questions at 96 tokens took 12-22 minutes).
+    "quick": {"limits": {"mtbench": 8, "mmlu": 114, "harmbench": 24, "jailbreak": 8, "pku": 24, "xstest": 40},
+              "mt_max_new_tokens": 64, "safety_max_new_tokens": 48, "sanity_pairs": 12},
+    "full": {"limits": {}, "mt_max_new_tokens": 512, "safety_max_new_tokens": 256, "sanity_pairs": 40},
+    # Tests: a handful of items of every benchmark, a few tokens each.
+    "micro": {"limits": {"mtbench": 2, "mmlu": 8, "harmbench": 2, "jailbreak": 1, "pku": 2, "xstest": 4},
+              "mt_max_new_tokens": 8, "safety_max_new_tokens": 8, "sanity_pairs": 2, "n_boot": 200},
+}
+
+
+def load_eval_config(preset: str | None = None, config_file: str | Path | None = None,
+                     overrides: dict[str, Any] | None = None) -> EvalConfig:
+    return load_settings(EvalConfig, EVAL_PRESETS, preset, config_file, overrides, "quick", "eval")
+
+
+class StudyConfig(ScoringConfig):
+    """`prism study`: the persona x length x placement grid (see prism.study.grid)."""
+
+    models: tuple[str, ...] = Field((EMBEDDED_MODEL,), min_length=1)  # each studied in turn
+    personas: tuple[str, ...] | None = None  # None = every persona in the registry
+    persona_dir: str | None = None  # extra personas: a directory of YAML files or one YAML file
+    lengths: tuple[PersonaLength, ...] = Field(("long", "short", "minimal"), min_length=1)
+    placements: tuple[Placement, ...] = Field(("system", "user"), min_length=1)
+    reference_length: PersonaLength = "long"
+    reference_placement: Placement = "system"
+    cross: Literal["reference", "full"] = "reference"
+    random_control: bool = True
+    benchmarks: tuple[Literal["mtbench", "mmlu", "safety"], ...] = Field(("mtbench", "mmlu", "safety"), min_length=1)
+    limits: dict[StudySet, ItemLimit] = {}
+    mt_turns: int = Field(1, ge=1, le=2)
+    sanity_pairs: int = Field(12, ge=0)
+    batch_size: int = Field(16, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # bfloat16: faster on CPUs with bf16 units
+    prefix_cache: bool = True  # prompts sharing a persona prefill it once per batch (same outputs, faster)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.reference_length not in self.lengths:
+            raise ValueError(f"reference_length {self.reference_length!r} is not in lengths {list(self.lengths)}")
+        if self.reference_placement not in self.placements:
+            raise ValueError(f"reference_placement {self.reference_placement!r} is not in placements "
+                             f"{list(self.placements)}")
+        return self
+
+
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    # About 30-35 minutes on the embedded model on 2 CPU cores: 23 distinct persona prompts per item
+    # (16 MT-Bench, 60 MMLU and 40 safety items took 57 minutes with another job on the machine).
+    "quick": {"limits": {"mtbench": 16, "mmlu": 48, "harmbench": 12, "jailbreak": 8, "pku": 12},
+              "mt_turns": 1, "mt_max_new_tokens": 64, "safety_max_new_tokens": 48},
+    # The paper's grid on the full sets: every persona at every length and placement.
+    "full": {"limits": {"mtbench": None, "mmlu": None, "harmbench": None, "jailbreak": None, "pku": None},
+             "cross": "full", "mt_turns": 2, "mt_max_new_tokens": 512, "safety_max_new_tokens": 256,
+             "sanity_pairs": 40},
+    # Tests: two personas, one length and placement beside the reference, a handful of items.
+    "micro": {"personas": ["math", "writing", "safety_monitor"], "lengths": ["long", "minimal"],
+              "placements": ["system", "user"], "limits": {"mtbench": 2, "mmlu": 4, "harmbench": 2, "jailbreak": 1,
+                                                           "pku": 1},
+              "mt_max_new_tokens": 12, "safety_max_new_tokens": 12, "sanity_pairs": 2, "n_boot": 200},
+}
+
+
+def load_study_config(preset: str | None = None, config_file: str | Path | None = None,
+                      overrides: dict[str, Any] | None = None) -> StudyConfig:
+    return load_settings(StudyConfig, STUDY_PRESETS, preset, config_file, overrides, "quick", "study")

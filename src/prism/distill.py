@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from prism.io import atomic_write_json
+from prism.io import atomic_write_json, atomic_write_tensors
+from prism.model.batching import pad
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ class DistillExample:
     n_response: int
 
     @property
-    def teacher_start(self) -> int:  # position whose logits predict the first response token
-        return len(self.teacher_ids) - self.n_response - 1
-
-    @property
     def student_start(self) -> int:
         return len(self.student_ids) - self.n_response - 1
 
@@ -99,16 +96,6 @@ def build_example(model, key: str, query: str, response: str, persona: str, plac
     return DistillExample(key, teacher_prompt + resp, student_prompt + resp, len(resp))
 
 
-def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 # ----- teacher cache -----------------------------------------------------------------------
 @torch.inference_mode()
 def teacher_topk(model, examples: Sequence[DistillExample], k: int, batch_size: int, pad_id: int,
@@ -123,13 +110,7 @@ def teacher_topk(model, examples: Sequence[DistillExample], k: int, batch_size: 
     dev = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         part = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(e.teacher_ids) for e in part)
-        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for r, e in enumerate(part):
-            ids[r, width - len(e.teacher_ids) :] = torch.tensor(e.teacher_ids)
-            mask[r, width - len(e.teacher_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = pad([e.teacher_ids for e in part], pad_id)
         keep = max(e.n_response for e in part) + 1  # the last position predicts nothing we need
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                        logits_to_keep=keep).logits
@@ -144,16 +125,9 @@ def teacher_topk(model, examples: Sequence[DistillExample], k: int, batch_size: 
     return out
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-
-
 def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Tensor], pad_id: int, k: int):
     """Padded student inputs with the teacher targets aligned to the student's positions."""
-    ids, attn = _pad([e.student_ids for e in examples], pad_id)
+    ids, attn, _ = pad([e.student_ids for e in examples], pad_id, side="right")
     b, width = ids.shape
     values = torch.zeros((b, width, k), dtype=torch.float32)
     indices = torch.zeros((b, width, k), dtype=torch.long)
@@ -199,7 +173,7 @@ def save_optimizer(opt: torch.optim.Optimizer, sched, path: Path, extra: dict) -
             else:
                 meta["scalars"][f"{pid}.{name}"] = value
     meta["param_groups"] = opt.state_dict()["param_groups"]
-    save_tensors(path / "optimizer.safetensors", tensors)
+    atomic_write_tensors(path / "optimizer.safetensors", tensors)
     meta["sched"] = {k: v for k, v in (meta["sched"] or {}).items() if k != "lr_lambdas"}
     atomic_write_json(path / "trainer_state.json", meta)
 

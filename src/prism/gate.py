@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from prism.io import atomic_write_json
+from prism.io import atomic_write_json, atomic_write_tensors
+from prism.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,7 @@ class Gate(nn.Module):
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = d / (GATE_WEIGHTS + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(d / GATE_WEIGHTS)
-        from prism import __version__
-
+        atomic_write_tensors(d / GATE_WEIGHTS, {k: v.detach().cpu() for k, v in self.state_dict().items()})
         atomic_write_json(d / GATE_CONFIG, {**self.spec.to_dict(), "prism_version": __version__})
 
     @classmethod

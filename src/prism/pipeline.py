@@ -8,27 +8,18 @@ from pathlib import Path
 from typing import Callable
 
 from prism.config import STAGES, PrismConfig
-from prism.models import ChatModel, load_model
+from prism.errors import RunError
+from prism.model import ChatModel, load_model_for
 from prism.personas import PersonaRegistry
-from prism.run import RunDir, RunError, world_size
+from prism.run import RunDir, world_size
 from prism.stages.answers import run_answers
 from prism.stages.context import StageContext
+from prism.stages.distill import run_distill
+from prism.stages.gate import run_gate
 from prism.stages.queries import run_queries
 from prism.stages.verdicts import run_verdicts
 
 log = logging.getLogger(__name__)
-
-def run_gate(ctx: StageContext) -> dict:
-    from prism.stages.gate import run_gate as fn  # training code: imported only when needed
-
-    return fn(ctx)
-
-
-def run_distill(ctx: StageContext) -> dict:
-    from prism.stages.distill import run_distill as fn
-
-    return fn(ctx)
-
 
 STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
     "queries": run_queries,
@@ -37,14 +28,6 @@ STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
     "gate": run_gate,
     "distill": run_distill,
 }
-
-
-def model_from_config(config: PrismConfig) -> ChatModel:
-    return load_model(
-        config.model, revision=config.model_revision, dtype=config.dtype, device=config.device,
-        trust_remote_code=config.trust_remote_code, batch_size=config.batch_size,
-        prefix_cache=config.prefix_cache,
-    )
 
 
 def run_pipeline(
@@ -72,39 +55,35 @@ def run_pipeline(
         raise RunError(f"{world_size()} processes can only share stage 5 (distill); run stages 1-4 first with "
                        f"`prism run --until gate --out {run.path}`, then `accelerate launch` the same command")
     if model is None:
-        model = model_from_config(config)
-    old = run.manifest.get("model")
-    if old and old != model.source:  # e.g. a new hub revision, or other local weights
-        raise RunError(f"{run.path} was started with model {old}, not {model.source}; choose a new --out")
-    run.manifest["model"] = model.source
-    run.save()
+        model = load_model_for(config)
+    run.record_model(model.source, model.supports_system_role, config.placement)
+    local = model
     if config.generator_url and {"queries", "answers", "verdicts"} & set(pending):
         # stages 1-3 generate on a remote server; judging by scores, the gate and distillation stay local
-        from prism.serve.openai_backend import OpenAIGenerator, RemoteGenerationModel
+        from prism.model.remote import RemoteGenerationModel, RemoteGenerator
 
-        model = RemoteGenerationModel(model, OpenAIGenerator(
+        model = RemoteGenerationModel(local, RemoteGenerator(
             config.generator_url, config.generator_model, concurrency=config.generator_concurrency))
         log.info("generating on %s (model %s)", config.generator_url, model.generator.model)
     ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
-    local = getattr(model, "_local", model)  # the ChatModel behind a remote generator
     saved_prefix_cache = local.prefix_cache
     local.prefix_cache = config.prefix_cache
     try:
         for stage in pending:
-            _run_stage(run, ctx, stage)
+            _run_stage(run, ctx, local, stage)
     finally:
         local.prefix_cache = saved_prefix_cache
     return run
 
 
-def _run_stage(run: RunDir, ctx: StageContext, stage: str) -> None:
+def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> None:
     model, config = ctx.model, ctx.config
     log.info("stage %s ...", stage)
     run.stage_started(stage)
     t0, tok0 = time.perf_counter(), model.tokens_generated
     try:
         if stage in ("queries", "answers", "verdicts"):  # stage 5 casts for its teacher logits only
-            with getattr(model, "_local", model).inference_dtype(config.infer_dtype):
+            with local.inference_dtype(config.infer_dtype):
                 facts = STAGE_FUNCS[stage](ctx)
         else:
             facts = STAGE_FUNCS[stage](ctx)

@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from prism.gate import Gate
-from prism.models import ChatModel, decoder_layers, pool
-from prism.run import RunDir, RunError
+from prism.model import ChatModel
+from prism.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ class PrismModel:
         self.peft_model = peft_model
         self.gate = gate
         self.run_dir = run_dir
+        self.created: str | None = None  # the run's creation time: with run_dir, names this adapter
         self.route_every_turn = route_every_turn
         self.adapter_mode = adapter_mode
-        self._layer0 = decoder_layers(model.model)[0]
         self.decisions: list[dict] = []  # recent routing decisions, for inspection
         self._swap: list[tuple] | None = self._merged_weights() if adapter_mode == "swap" else None
         self.adapter_on = True  # PEFT's state after loading
@@ -91,21 +91,15 @@ class PrismModel:
         (default: swap when the extra copy of the adapted weights is at most SWAP_MAX_BYTES)."""
         from peft import PeftModel
 
-        run = RunDir(run_dir)
-        for stage in ("gate", "distill"):
-            if run.status(stage) != "done":
-                raise RunError(f"{run.path}: stage {stage!r} is not finished; run `prism run --out {run.path}` first")
+        run = RunDir(run_dir).require("gate", "distill")
         if model is None:
-            from prism.pipeline import model_from_config
-
-            config = run.config()
-            if model_overrides:
-                config = config.model_copy(update=model_overrides)
-            model = model_from_config(config)
-        peft_model = PeftModel.from_pretrained(model.model, str(run.path / "adapter"), is_trainable=False)
+            model = run.load_base_model(**model_overrides)
+        peft_model = PeftModel.from_pretrained(model.model, str(run.adapter_dir), is_trainable=False)
         peft_model.eval()
-        gate = Gate.load(run.path / "gate")
-        return cls(model, peft_model, gate, run.path, route_every_turn, adapter_mode)
+        gate = Gate.load(run.gate_dir)
+        routed = cls(model, peft_model, gate, run.path, route_every_turn, adapter_mode)
+        routed.created = run.manifest.get("created")
+        return routed
 
     # ----- routing ------------------------------------------------------------------------
     def _merged_weights(self) -> list[tuple]:
@@ -137,6 +131,14 @@ class PrismModel:
             self.peft_model.base_model.disable_adapter_layers()
         self.adapter_on = on
 
+    def grouped(self, adapters: Sequence[bool]):
+        """(adapter on?, row indices) for each route present, with the model switched to that route."""
+        for on in (True, False):
+            idx = [i for i, a in enumerate(adapters) if a == on]
+            if idx:
+                self.set_adapter(on)
+                yield on, idx
+
     def routing_prompt(self, messages: Sequence[dict]) -> str:
         users = [m for m in messages if m["role"] == "user"]
         if not users:
@@ -154,20 +156,12 @@ class PrismModel:
         on, scores = self.gate.decide(feats)
         return [Route(bool(o), round(float(s), 4), self.gate.spec.threshold) for o, s in zip(on, scores)]
 
-    def _route_in_pass_hook(self, holder: dict):
-        """A layer-0 hook that routes from the prefill of a single unpadded request."""
-
-        def hook(_module, _inputs, output):
-            if "route" in holder:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            on, score = self.gate.decide(pool(hidden, mask, self.gate.spec.pooling).float().cpu())
-            holder["route"] = Route(bool(on[0]), round(float(score[0]), 4), self.gate.spec.threshold)
-            self.set_adapter(holder["route"].adapter)  # before layer 1 runs
-            return None
-
-        return hook
+    @classmethod
+    def load_gate_only(cls, run_dir: str | Path) -> "PrismModel":
+        """The gate and only the part of the model it reads (embeddings and decoder layer 0): what
+        a router in front of another server needs."""
+        run = RunDir(run_dir).require("gate")
+        return cls(run.load_base_model(first_layers=1), None, Gate.load(run.gate_dir), run.path)
 
     # ----- chat ------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -180,34 +174,17 @@ class PrismModel:
                    adapter: bool | None = None) -> list[ChatReply]:
         """Reply to many conversations: routed in one pass, then generated in two groups."""
         prompts = [self.model.prompt(c) for c in conversations]
-        single = len(conversations) == 1 and adapter is None and prompts[0] == self.routing_prompt(conversations[0])
-        if single:
-            return [self._chat_single_pass(prompts[0], max_new_tokens, temperature, top_p, seed)]
         if adapter is not None:
             routes = [Route(adapter, None, self.gate.spec.threshold, forced=True) for _ in conversations]
         else:
             routes = self.route(conversations)
         replies: list[ChatReply | None] = [None] * len(conversations)
-        for on in (True, False):
-            idx = [i for i, r in enumerate(routes) if r.adapter == on]
-            if not idx:
-                continue
-            self.set_adapter(on)
+        for _, idx in self.grouped([r.adapter for r in routes]):
             gens = self.model.generate([prompts[i] for i in idx], max_new_tokens, temperature, top_p, seed=seed)
             for i, g in zip(idx, gens):
                 replies[i] = ChatReply(g.text, routes[i], self._count(prompts[i]), g.n_tokens)
         self._log(routes)
         return replies  # type: ignore[return-value]
-
-    def _chat_single_pass(self, prompt: str, max_new_tokens, temperature, top_p, seed) -> ChatReply:
-        holder: dict = {}
-        handle = self._layer0.register_forward_hook(self._route_in_pass_hook(holder))
-        try:
-            gen = self.model.generate([prompt], max_new_tokens, temperature, top_p, seed=seed)[0]
-        finally:
-            handle.remove()
-        self._log([holder["route"]])
-        return ChatReply(gen.text, holder["route"], self._count(prompt), gen.n_tokens)
 
     def _count(self, prompt: str) -> int:
         return len(self.model.token_ids(prompt))

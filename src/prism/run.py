@@ -1,4 +1,5 @@
-"""The run directory: stage outputs, the manifest that explains the run, and resume logic."""
+"""The run directory: every artifact path of a run, the manifest that explains it, resume checks,
+and loading a finished run's config and model."""
 
 from __future__ import annotations
 
@@ -10,17 +11,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from prism.config import STAGES, PrismConfig
+from prism.errors import RunError
 from prism.io import atomic_write_json
 
-MANIFEST = "manifest.json"
-FILES = {"queries": "queries.jsonl", "answers": "answers.jsonl", "verdicts": "verdicts.jsonl"}
 # Settings that change speed, not results: a run may resume with different values.
 RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency")
-
-
-class RunError(RuntimeError):
-    """The run directory cannot be used as asked."""
 
 
 def world_size() -> int:
@@ -54,11 +52,23 @@ def results_fingerprint(config: PrismConfig) -> dict[str, Any]:
 
 
 class RunDir:
-    """A run directory. The manifest is rewritten atomically after every change."""
+    """A run directory. Every artifact's path is named here and nowhere else; the manifest is
+    rewritten atomically after every change."""
+
+    MANIFEST = "manifest.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest_path = self.path / MANIFEST
+        self.manifest_path = self.path / self.MANIFEST
+        # The artifacts: stage 1-3 records, then stage 4 and 5 folders, then eval's default output.
+        self.queries = self.path / "queries.jsonl"
+        self.answers = self.path / "answers.jsonl"
+        self.verdicts = self.path / "verdicts.jsonl"
+        self.judge_check = self.path / "judge_check.json"
+        self.gate_dir = self.path / "gate"
+        self.adapter_dir = self.path / "adapter"  # the LoRA in PEFT format (PeftModel.from_pretrained loads it)
+        self.distill_dir = self.path / "distill"  # teacher cache, checkpoint, losses, summary
+        self.eval_dir = self.path / "eval"  # where `prism eval RUN` writes when no --out is given
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.is_file():
             try:
@@ -66,22 +76,40 @@ class RunDir:
             except json.JSONDecodeError as e:
                 raise RunError(f"{self.manifest_path} is not valid JSON ({e})") from None
 
-    def file(self, stage: str) -> Path:
-        return self.path / FILES[stage]
-
+    # ----- state ------------------------------------------------------------------------------
     @property
     def exists(self) -> bool:
         return bool(self.manifest)
 
     def config(self) -> PrismConfig:
         if not self.exists:
-            raise RunError(f"{self.path} is not a PRISM run directory (no {MANIFEST})")
-        return PrismConfig(**self.manifest["config"])
+            raise RunError(f"{self.path} is not a PRISM run directory (no {self.MANIFEST})")
+        try:
+            return PrismConfig(**self.manifest["config"])
+        except (KeyError, TypeError, ValidationError) as e:
+            raise RunError(f"{self.manifest_path} holds no valid config ({type(e).__name__}); "
+                           "it was edited or written by another program") from None
+
+    def require(self, *stages: str) -> "RunDir":
+        """Fail with a clear message unless every stage named is done."""
+        if not self.exists:
+            raise RunError(f"{self.path} is not a PRISM run directory (no {self.MANIFEST})")
+        for stage in stages:
+            if self.status(stage) != "done":
+                raise RunError(f"{self.path}: stage {stage!r} is not finished; run `prism run --out {self.path}` "
+                               "first")
+        return self
+
+    def load_base_model(self, first_layers: int | None = None, **overrides):
+        """The run's base model with the run's settings; `first_layers=1`: only what the gate reads."""
+        from prism.model import load_model_for
+
+        return load_model_for(self.config(), first_layers=first_layers, **overrides)
 
     def open(self, config: PrismConfig, personas: dict[str, dict]) -> None:
         """Create the manifest, or check that an existing run was made with the same settings."""
         if self.exists:
-            old = results_fingerprint(PrismConfig(**self.manifest["config"]))
+            old = results_fingerprint(self.config())
             new = results_fingerprint(config)
             diffs = _diff(old, new)
             if diffs:
@@ -107,6 +135,18 @@ class RunDir:
             "versions": package_versions(),
             "stages": {s: {"status": "pending"} for s in STAGES},
         }
+        self.save()
+
+    def record_model(self, source: dict, supports_system_role: bool, placement: str) -> None:
+        """Which weights the run uses (a resume with other weights is refused) and where the persona
+        really goes: a template without a system role turns `system` placement into `user`."""
+        old = self.manifest.get("model")
+        if old and old != source:  # e.g. a new hub revision, or other local weights
+            raise RunError(f"{self.path} was started with model {old}, not {source}; choose a new --out")
+        self.manifest["model"] = source
+        effective = placement if supports_system_role or placement == "user" else "user"
+        self.manifest["placement"] = {"configured": placement, "effective": effective,
+                                      "template_has_system_role": supports_system_role}
         self.save()
 
     def save(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prism.bench.plots import error_bars, pyplot, save
+
 SYSTEM_NAMES = {"base": "Base", "persona": "Expert prompting", "ungated": "SFT (ungated adapter)", "prism": "PRISM"}
 
 
@@ -70,11 +72,7 @@ def markdown_table(results: dict) -> str:
 
 def plots(results: dict, out: Path) -> list[str]:
     """Per-category bars with CIs, and the routing-vs-effect scatter. Returns the file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = []
     systems = results["systems"]
     subs = sorted({k for r in systems.values() for k in r["subscores"]})
@@ -82,25 +80,15 @@ def plots(results: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(subs) + 2), 5.0))
         width = 0.8 / max(1, len(systems))
         for j, (name, r) in enumerate(systems.items()):
-            xs, ys, lo, hi = [], [], [], []
-            for i, k in enumerate(subs):
-                ci = r["subscores"].get(k)
-                if not ci or ci["mean"] is None:
-                    continue
-                xs.append(i + (j - (len(systems) - 1) / 2) * width)
-                ys.append(ci["mean"])
-                lo.append(ci["mean"] - ci["lo"])
-                hi.append(ci["hi"] - ci["mean"])
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=SYSTEM_NAMES.get(name, name))
+            xs, ys, err = error_bars([r["subscores"].get(k) for k in subs],
+                                     [i + (j - (len(systems) - 1) / 2) * width for i in range(len(subs))], "mean")
+            ax.bar(xs, ys, width, yerr=err, capsize=2, label=SYSTEM_NAMES.get(name, name))
         ax.set_xticks(range(len(subs)))
         ax.set_xticklabels(subs, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("score (0-100; MT-Bench x10)")
         ax.set_title("Per-category scores with 95% bootstrap CIs")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "categories.png", dpi=120)
-        plt.close(fig)
-        files.append("categories.png")
+        files.append(save(fig, out / "categories.png", dpi=120).name)
     routing = results.get("routing")
     if routing and routing["persona_effect"]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -116,8 +104,5 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylabel("persona effect vs base (points)")
         r = routing["pearson"]
         ax.set_title(f"Routing vs persona effect (Pearson {r:.2f})" if r is not None else "Routing vs persona effect")
-        fig.tight_layout()
-        fig.savefig(out / "routing.png", dpi=120)
-        plt.close(fig)
-        files.append("routing.png")
+        files.append(save(fig, out / "routing.png", dpi=120).name)
     return files

@@ -15,15 +15,13 @@ from typing import Iterable
 
 import yaml
 
+from prism.errors import PersonaError
+
 LENGTHS = ("long", "short", "minimal")
 KINDS = ("task", "behaviour", "context")
 LIBRARY_DIR = Path(__file__).parent / "library"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _KEYS = {"name", "kind", "category", "description", "text", *LENGTHS}
-
-
-class PersonaError(ValueError):
-    """A persona file or name that cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +99,6 @@ class PersonaRegistry:
 
     def names(self) -> list[str]:
         return list(self.personas)
-
-    def for_category(self, category: str) -> Persona | None:
-        """The expert persona matched to a benchmark category (e.g. 'math'), if any."""
-        for p in self.personas.values():
-            if p.category == category:
-                return p
-        return None
 
 
 def _parse_file(path: Path) -> list[Persona]:

@@ -23,25 +23,16 @@ from prism.serve.decode import Sampling
 
 
 @dataclass
-class ServeOptions:
-    api_key: str | None = None  # None: no key needed (the server binds to loopback by default)
+class ServeOptions(P.HttpOptions):
     max_batch: int = 16  # requests decoded together
     max_queue: int = 64  # waiting requests beyond this get 503
     batch_wait: float = 0.01  # seconds an idle worker waits for more requests to batch
-    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 256
-    context_length: int | None = None  # prompt + max_tokens limit; default: the model's
-    max_body_bytes: int = 1 << 20
-
-
-def model_context_length(chat_model) -> int:
-    return int(getattr(chat_model.model.config, "max_position_embeddings", None) or 2048)
 
 
 def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAPI:
     opts = options or ServeOptions()
     batcher = Batcher(prism, opts.max_batch, opts.max_queue, opts.batch_wait)
-    context = opts.context_length or model_context_length(prism.model)
+    context = P.context_length(opts, prism.model)
     created = int(time.time())
     counter = P.PromptCounter(prism.model.tokenizer)
 
@@ -51,9 +42,8 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
         yield
         batcher.stop()
 
-    app = FastAPI(title="prism", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = P.new_app("prism", lifespan)
     app.state.batcher = batcher
-    P.install_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -69,36 +59,21 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        P.check_api_key(request, opts.api_key)
-        req = P.parse(P.ChatRequest, await P.read_json(request, opts.max_body_bytes))
-        forced = P.check_model(req.model)
-        messages = req.plain_messages()
-        try:
-            prompt = prism.model.prompt(messages)
-        except Exception as e:  # e.g. a template that insists on alternating roles
-            raise P.ApiError(400, f"the chat template cannot format these messages: {_first_line(e)}",
-                             param="messages") from None
-        routing = prism.routing_prompt(messages) if forced is None else None
-        return await _reply(req, await _start(req, prompt, forced, routing), chat=True)
+        return await _reply(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=True))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        """Raw prompts, already formatted: what the pipeline's generator backend sends."""
-        P.check_api_key(request, opts.api_key)
-        req = P.parse(P.CompletionRequest, await P.read_json(request, opts.max_body_bytes))
-        forced = P.check_model(req.model)
-        return await _reply(req, await _start(req, req.prompt, forced, req.prompt if forced is None else None),
-                            chat=False)
+        return await _reply(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=False))
 
-    async def _reply(req, started, chat: bool):
+    async def _reply(parsed: P.Parsed):
         """Stream the job, or wait for it and answer in the chat or completion format."""
-        job, prompt_tokens, info = started
+        req, chat = parsed.req, parsed.chat
+        job, prompt_tokens, info = await _start(req, parsed.prompt, parsed.forced, parsed.routing)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             return _stream(job, req, rid, prompt_tokens, info, chat=chat)
         text, reason, n = await _collect(job)
-        make_body = P.chat_body if chat else P.completion_body
-        body = make_body(rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
+        body = P.reply_body(chat, rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
         return JSONResponse(body, headers=P.route_headers(info))
 
     async def _start(req: P.SamplingFields, prompt: str, forced: bool | None, routing: str | None):
@@ -143,7 +118,8 @@ async def _collect(job: Job) -> tuple[str, str, int]:
 
 def _stream(job: Job, req: P.SamplingFields, rid: str, prompt_tokens: int, info: dict, chat: bool):
     created = int(time.time())
-    chunk = P.chat_chunk if chat else P.completion_chunk
+    def chunk(*args):
+        return P.reply_chunk(chat, *args)
 
     def delta(text: str) -> bytes:
         return P.sse(chunk(rid, req.model, created, info, {"content": text} if chat else text))
@@ -179,7 +155,3 @@ def _stream(job: Job, req: P.SamplingFields, rid: str, prompt_tokens: int, info:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**P.route_headers(info), "cache-control": "no-cache"})
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]

@@ -124,12 +124,8 @@ class Batcher:
             routes[id(job)] = route
             job.send("route", route)
         self.prism._log([routes[id(j)] for j in batch])
-        for on in (True, False):
-            group = [j for j in batch if routes[id(j)].adapter == on]
-            if not group:
-                continue
-            self.prism.set_adapter(on)
-            rows = [self._row(j) for j in group]
+        for _, idx in self.prism.grouped([routes[id(j)].adapter for j in batch]):
+            rows = [self._row(batch[i]) for i in idx]
             self.stats["forward_passes"] += decode_batch(self.prism.model, rows)
 
     def _row(self, job: Job) -> Row:

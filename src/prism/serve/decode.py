@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from prism.model.batching import cache_kwarg, output_cache, pad
+
 
 @dataclass
 class Sampling:
@@ -109,16 +111,11 @@ def decode_batch(chat_model, rows: list[Row]) -> int:
         r.generator = torch.Generator().manual_seed(
             r.sampling.seed if r.sampling.seed is not None else random.randrange(2**62))
 
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first real token
+    ids, mask, positions = pad([r.prompt_ids for r in rows], tok.pad_token_id)
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache, logits = output_cache(out), out.logits[:, -1, :]
+    cache_name = cache_kwarg(lm)
     next_pos = positions[:, -1:] + 1
     active = list(range(len(rows)))  # batch position -> row index
     passes = 1
@@ -153,9 +150,9 @@ def decode_batch(chat_model, rows: list[Row]) -> int:
             active = [active[b] for b in keep]
         mask = torch.cat([mask, mask.new_ones((len(keep), 1))], dim=1)
         step_ids = torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(1)
-        out = lm(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+        out = lm(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, **{cache_name: cache},
                  use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = output_cache(out), out.logits[:, -1, :]
         next_pos = next_pos + 1
         passes += 1
 

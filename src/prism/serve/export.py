@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from prism.config import EMBEDDED_MODEL
-from prism.run import RunDir, RunError
+from prism.errors import RunError
+from prism.io import atomic_directory, atomic_write_json, atomic_write_tensors
+from prism.run import RunDir
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -26,16 +27,16 @@ def base_model_location(model: str) -> str:
     """Where a serving engine finds the base weights: the embedded model's safetensors folder,
     or the model id / directory the run used."""
     if model == EMBEDDED_MODEL:
-        from prism.models import embedded_model_dir
+        from prism.model.loading import embedded_model_dir
 
         return str(embedded_model_dir())
     return model
 
 
 def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
-    run = RunDir(run_dir)
-    src = run.path / "adapter"
-    if run.status("distill") != "done" or not (src / "adapter_config.json").is_file():
+    run = RunDir(run_dir).require("distill")
+    src = run.adapter_dir
+    if not (src / "adapter_config.json").is_file():
         raise RunError(f"{run.path}: no finished adapter; run `prism run --out {run.path}` first")
     config = json.loads((src / "adapter_config.json").read_text())
     tensors = load_file(str(src / "adapter_model.safetensors"))
@@ -53,14 +54,9 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
     config["base_model_name_or_path"] = base
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # a reader sees no adapter or a whole one
+    with atomic_directory(out) as tmp:  # a reader sees no adapter or a whole one
+        atomic_write_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        atomic_write_json(tmp / "adapter_config.json", config)
     return {"adapter": str(out), "base_model": base, "rank": config.get("r"), "zero_layers": missing,
             "vllm": f"vllm serve {base} --enable-lora --max-lora-rank {config.get('r')} "
                     f"--lora-modules prism-adapter={out}"}

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,23 @@ MODEL_GATED, MODEL_BASE, MODEL_ADAPTER = "prism", "prism-base", "prism-adapter"
 FORCED = {MODEL_GATED: None, MODEL_BASE: False, MODEL_ADAPTER: True}
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+
+
+@dataclass
+class HttpOptions:
+    """What the local server and the router check on every request."""
+
+    api_key: str | None = None  # None: no key needed (the server binds to loopback by default)
+    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256
+    context_length: int | None = None  # prompt + max_tokens limit; default: the model's
+    max_body_bytes: int = 1 << 20
+
+
+
+
+def context_length(options: HttpOptions, chat_model) -> int:
+    return options.context_length or int(getattr(chat_model.model.config, "max_position_embeddings", None) or 2048)
 
 
 class ApiError(Exception):
@@ -43,8 +61,10 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as an OpenAI error body; unexpected ones say nothing about internals."""
+def new_app(title: str, lifespan) -> FastAPI:
+    """A FastAPI app without generated docs, whose every error leaves as an OpenAI error body;
+    unexpected ones say nothing about internals."""
+    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
@@ -61,6 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_request, e: Exception):
         log.error("internal error", exc_info=e)  # the trace goes to the server log only
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    return app
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
@@ -208,6 +230,37 @@ class PromptCounter:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@dataclass
+class Parsed:
+    """A valid request: its raw body, its fields, the prompt to generate after, and its route
+    (`forced` True/False by model id, else the gate reads `routing`)."""
+
+    raw: dict
+    req: SamplingFields
+    chat: bool
+    prompt: str
+    forced: bool | None
+    routing: str | None
+
+
+async def parse_request(request: Request, prism, api_key: str | None, max_bytes: int, chat: bool) -> Parsed:
+    """Key, body, fields, model id and prompt of a chat or completion request; each problem is a 4xx.
+    `prism` is the served PrismModel (its chat template and routing prompt)."""
+    check_api_key(request, api_key)
+    raw = await read_json(request, max_bytes)
+    req = parse(ChatRequest if chat else CompletionRequest, raw)
+    forced = check_model(req.model)
+    if not chat:  # a raw prompt, already formatted: what the pipeline's generator backend sends
+        return Parsed(raw, req, chat, req.prompt, forced, req.prompt if forced is None else None)
+    messages = req.plain_messages()
+    try:
+        prompt = prism.model.prompt(messages)
+    except Exception as e:  # e.g. a template that insists on alternating roles
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ApiError(400, f"the chat template cannot format these messages: {first}", param="messages") from None
+    return Parsed(raw, req, chat, prompt, forced, prism.routing_prompt(messages) if forced is None else None)
+
+
 def check_model(name: str) -> bool | None:
     """The forced route of a model id (None = gated); 404 for an unknown id."""
     if name not in FORCED:
@@ -262,35 +315,21 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, use: dict, info: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": use, "prism": info}
+def reply_body(chat: bool, rid: str, model: str, text: str, finish: str, use: dict, info: dict) -> dict:
+    """A whole reply in the chat or the text-completion wire format."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [{**choice, "finish_reason": finish, "logprobs": None}], "usage": use,
+            "prism": info}
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, use: dict, info: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": use, "prism": info}
-
-
-def chat_chunk(rid: str, model: str, created: int, info: dict, delta: dict | None = None,
-               finish: str | None = None, use: dict | None = None) -> dict:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                   "logprobs": None}],
-             "prism": info}
-    if use is not None:
-        chunk["usage"] = use
-    return chunk
-
-
-def completion_chunk(rid: str, model: str, created: int, info: dict, text: str | None = None,
-                     finish: str | None = None, use: dict | None = None) -> dict:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [] if text is None else [{"index": 0, "text": text, "finish_reason": finish,
-                                                  "logprobs": None}],
+def reply_chunk(chat: bool, rid: str, model: str, created: int, info: dict, delta: dict | str | None = None,
+                finish: str | None = None, use: dict | None = None) -> dict:
+    """One SSE chunk: a chat `delta` dict or a completion text; None for the usage-only chunk."""
+    part = {"delta": delta} if chat else {"text": delta}
+    chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+             "model": model, "choices": [] if delta is None else [{"index": 0, **part, "finish_reason": finish,
+                                                                   "logprobs": None}],
              "prism": info}
     if use is not None:
         chunk["usage"] = use

@@ -9,8 +9,8 @@ from prism.stages.context import StageContext
 
 def run_answers(ctx: StageContext) -> dict:
     cfg = ctx.config.answers
-    queries = [QueryRecord.from_dict(r) for r in read_jsonl(ctx.run.file("queries"))]
-    path = ctx.run.file("answers")
+    queries = [QueryRecord.from_dict(r) for r in read_jsonl(ctx.run.queries)]
+    path = ctx.run.answers
     done = {r["query_id"] for r in read_jsonl(path)}
     todo = [q for q in queries if q.id not in done]
     bar = ctx.progress(total=len(todo), desc="stage 2/5 answers")

@@ -10,28 +10,26 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 
 import torch
 from safetensors.torch import load_file
 
-from prism.distill import (build_example, load_optimizer, lora_config, lr_lambda, save_optimizer, save_tensors,
-                           student_batch, teacher_topk, topk_kl)
-from prism.io import append_jsonl, atomic_write_json, read_jsonl
-from prism.models import decoder_layers
-from prism.records import AnswerRecord, VerdictRecord
+from prism.distill import (build_example, load_optimizer, lora_config, lr_lambda, save_optimizer, student_batch,
+                           teacher_topk, topk_kl)
+from prism.io import append_jsonl, atomic_directory, atomic_write_json, atomic_write_tensors, read_jsonl, \
+    recover_directory
+from prism.model import decoder_layers
+from prism.records import AnswerRecord
 from prism.stages.context import StageContext
 
 log = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"
-DISTILL_DIR = "distill"
 
 
 def distill_examples(ctx: StageContext):
     cfg = ctx.config.distill
-    labels = {r["query_id"]: r["label"] for r in read_jsonl(ctx.run.file("verdicts"))}
-    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.file("answers"))]
+    labels = {r["query_id"]: r["label"] for r in read_jsonl(ctx.run.verdicts)}
+    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.answers)]
     chosen = [a for a in answers if labels.get(a.query_id) == 1]
     examples, too_long = [], []
     for a in chosen:
@@ -70,7 +68,7 @@ def run_distill(ctx: StageContext) -> dict:
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     cfg = ctx.config.distill
-    out = ctx.run.path / DISTILL_DIR
+    out = ctx.run.distill_dir
     examples = distill_examples(ctx)
     pad_id = ctx.model.tokenizer.pad_token_id
     n_layers = len(decoder_layers(ctx.model.model))
@@ -89,7 +87,7 @@ def run_distill(ctx: StageContext) -> dict:
                 cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature,
                                      progress=bar)
             bar.close()
-            save_tensors(cache_path, cache)
+            atomic_write_tensors(cache_path, cache)
         accelerator.wait_for_everyone()  # the others read the cache only once it is complete
     cache = load_file(str(cache_path)) if examples else {}
 
@@ -98,11 +96,8 @@ def run_distill(ctx: StageContext) -> dict:
         facts = _train(ctx, accelerator, peft_model, examples, cache, pad_id, out,
                        get_peft_model_state_dict, set_peft_model_state_dict)
         if accelerator.is_main_process:
-            tmp = ctx.run.path / (ADAPTER_DIR + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            accelerator.unwrap_model(peft_model).save_pretrained(tmp)
-            shutil.rmtree(ctx.run.path / ADAPTER_DIR, ignore_errors=True)
-            tmp.rename(ctx.run.path / ADAPTER_DIR)
+            with atomic_directory(ctx.run.adapter_dir) as tmp:
+                accelerator.unwrap_model(peft_model).save_pretrained(tmp)
     finally:
         # Take the LoRA layers out again: the base model object is shared with the caller.
         peft_model.unload()
@@ -130,9 +125,7 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
     peft_model, opt, loader, sched = accelerator.prepare(peft_model, opt, loader, sched)
 
     ckpt = out / "checkpoint"
-    old = out / "checkpoint.old"
-    if not (ckpt / "trainer_state.json").is_file() and (old / "trainer_state.json").is_file():
-        old.rename(ckpt)  # killed between the two renames of a checkpoint swap
+    recover_directory(ckpt)  # killed between the two renames of a checkpoint swap
     start_epoch, step = 0, 0
     if (ckpt / "trainer_state.json").is_file():
         set_state(accelerator.unwrap_model(peft_model), load_file(str(ckpt / "adapter.safetensors")))
@@ -169,19 +162,10 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
         row = {"epoch": epoch + 1, "step": step, "loss": round(epoch_loss / max(1, n_batches), 5),
                "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
         if accelerator.is_main_process:
-            tmp = out / "checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_tensors(tmp / "adapter.safetensors",
-                         {k_: v.detach().cpu().contiguous()
-                          for k_, v in get_state(accelerator.unwrap_model(peft_model)).items()})
-            save_optimizer(opt, sched, tmp, {"epochs_done": epoch + 1, "step": step})
-            # Swap so that a complete checkpoint exists at every moment.
-            shutil.rmtree(old, ignore_errors=True)
-            if ckpt.exists():
-                ckpt.rename(old)
-            tmp.rename(ckpt)
-            shutil.rmtree(old, ignore_errors=True)
+            with atomic_directory(ckpt) as tmp:  # a complete checkpoint exists at every moment
+                atomic_write_tensors(tmp / "adapter.safetensors",
+                                     {k_: v.detach().cpu() for k_, v in get_state(accelerator.unwrap_model(peft_model)).items()})
+                save_optimizer(opt, sched, tmp, {"epochs_done": epoch + 1, "step": step})
             append_jsonl(losses_path, [row])  # after the checkpoint: a resumed epoch is not logged twice
         log.info("stage 5: epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, row["loss"])
     bar.close()

@@ -15,13 +15,12 @@ from prism.records import AnswerRecord, VerdictRecord
 from prism.stages.context import StageContext
 
 log = logging.getLogger(__name__)
-GATE_DIR = "gate"
 
 
 def run_gate(ctx: StageContext) -> dict:
     cfg = ctx.config.gate
-    verdicts = {r["query_id"]: VerdictRecord.from_dict(r) for r in read_jsonl(ctx.run.file("verdicts"))}
-    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.file("answers"))]
+    verdicts = {r["query_id"]: VerdictRecord.from_dict(r) for r in read_jsonl(ctx.run.verdicts)}
+    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.answers)]
     rows = [(a.query, verdicts[a.query_id].label) for a in answers if a.query_id in verdicts]
     prompts = [ctx.model.user_prompt(q) for q, _ in rows]
     labels = [y for _, y in rows]
@@ -42,7 +41,7 @@ def run_gate(ctx: StageContext) -> dict:
         gate.spec.metrics["pooling_compared"] = {
             p: g.spec.metrics.get("holdout_balanced_accuracy") for p, g in candidates.items()
         }
-    gate.save(ctx.run.path / GATE_DIR)
+    gate.save(ctx.run.gate_dir)
     m = gate.spec.metrics
     if not m.get("constant"):
         log.info("gate (%s pooling): held-out accuracy %.2f (balanced %.2f, majority baseline %.2f), threshold %.3f",

@@ -82,7 +82,7 @@ def query_prompt(ctx: StageContext, persona: Persona) -> str:
 
 def run_queries(ctx: StageContext) -> dict:
     cfg = ctx.config.queries
-    path = ctx.run.file("queries")
+    path = ctx.run.queries
     rows = [QueryRecord.from_dict(r) for r in read_jsonl(path)]
     have: dict[str, int] = defaultdict(int)
     seen: set[str] = set()

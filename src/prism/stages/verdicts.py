@@ -12,36 +12,23 @@ import json
 import logging
 
 from prism.io import append_jsonl, atomic_write_json, read_jsonl
-from prism.judges import Judge, JudgeCheck, ProgramJudge, check_judge, make_judge, mismatched_pairs
+from prism.judging import Judge, SanityCheck, build_pairwise_judge, check_judge, mismatched_pairs
+from prism.judging.pairwise import ProgramJudge
 from prism.records import AnswerRecord, VerdictRecord, both_orders_label
 from prism.stages.context import StageContext
 
 log = logging.getLogger(__name__)
-CHECK_FILE = "judge_check.json"
 
 
-def build_judge(ctx: StageContext) -> Judge:
-    j = ctx.config.judge
-    model = ctx.model
-    if j.model and j.kind != "program":
-        from prism.models import load_model
-
-        c = ctx.config
-        model = load_model(j.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code,
-                           batch_size=c.batch_size)
-    return make_judge(j.kind, model, margin=j.margin, program=j.program, max_new_tokens=j.max_new_tokens)
-
-
-def _judge_check(ctx: StageContext, judge: Judge, answers: list[AnswerRecord]) -> JudgeCheck | None:
+def _judge_check(ctx: StageContext, judge: Judge, answers: list[AnswerRecord]) -> SanityCheck | None:
     if isinstance(judge, ProgramJudge):
         return None  # a program checks one property (e.g. the language), not relevance
-    path = ctx.run.path / CHECK_FILE
+    path = ctx.run.judge_check
     if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("judge") == judge.name:
-            judge.bias = saved["position_bias"]
-            saved["ci95"] = tuple(saved["ci95"])
-            return JudgeCheck(**saved)
+        saved = SanityCheck.from_dict(json.loads(path.read_text()))
+        if saved.judge == judge.name:
+            judge.bias = saved.position_bias  # a resumed run labels with the same calibration
+            return saved
     n = ctx.config.judge.sanity_pairs
     triples = mismatched_pairs([(a.query, a.answer_base, a.persona) for a in answers], n, ctx.config.seed)
     if not triples:
@@ -53,7 +40,7 @@ def _judge_check(ctx: StageContext, judge: Judge, answers: list[AnswerRecord]) -
     return check
 
 
-def warn_if_chance(check: JudgeCheck | None, where: str = "stage 3") -> None:
+def warn_if_chance(check: SanityCheck | None, where: str = "stage 3") -> None:
     if check is None or check.passed:
         return
     log.warning(
@@ -65,11 +52,11 @@ def warn_if_chance(check: JudgeCheck | None, where: str = "stage 3") -> None:
 
 
 def run_verdicts(ctx: StageContext) -> dict:
-    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.file("answers"))]
-    judge = build_judge(ctx)
+    answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.answers)]
+    judge = build_pairwise_judge(ctx.config.judge, ctx.model)
     check = _judge_check(ctx, judge, answers)
     warn_if_chance(check)
-    path = ctx.run.file("verdicts")
+    path = ctx.run.verdicts
     done = {r["query_id"] for r in read_jsonl(path)}
     todo = [a for a in answers if a.query_id not in done]
     bar = ctx.progress(total=2 * len(todo), desc="stage 3/5 verdicts")
@@ -91,7 +78,7 @@ def run_verdicts(ctx: StageContext) -> dict:
     return summarise_verdicts([VerdictRecord.from_dict(r) for r in read_jsonl(path)], check)
 
 
-def summarise_verdicts(rows: list[VerdictRecord], check: JudgeCheck | None) -> dict:
+def summarise_verdicts(rows: list[VerdictRecord], check: SanityCheck | None) -> dict:
     n = len(rows)
     distill = sum(r.label for r in rows)
     per_persona: dict[str, dict[str, int]] = {}

@@ -1,8 +1,8 @@
 """`prism study`: when do personas help or hurt? (the analysis half of the paper).
 
 For one or more models, every condition of the grid (prism.study.grid) is scored on MT-Bench
-categories, MMLU super-categories and the safety sets through the evaluation harness's loaders,
-judges and caches (prism.study.runner); the effects and their CIs come from prism.study.analysis;
+categories, MMLU super-categories and the safety sets with the shared loaders, judges and caches
+(prism.study.scores over prism.bench); the effects and their CIs come from prism.study.analysis;
 figures, findings.md and a self-contained report.html from prism.study.report.
 
 Output folder:
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prism.study.grid import STUDY_PRESETS, Condition, StudyConfig, expand_grid, load_study_config
+from prism.config import STUDY_PRESETS, StudyConfig, load_study_config
+from prism.study.grid import Condition, expand_grid
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +30,38 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
-def run_study(out: str | Path, models: list[Any] | None = None, preset: str = "quick",
+def run_study(out: str | Path, models: list[Any] | None = None, preset: str | None = None,
               config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-              data_dir: str | Path | None = None, quiet: bool = False, cfg: StudyConfig | None = None) -> dict:
-    """Run (or resume) the study in `out` on `models` (names/paths, or loaded ChatModels; default:
-    the embedded model) and write results.json, findings.md, report.html and the figures."""
-    from prism.eval.data import default_dir
+              quiet: bool = False, cfg: StudyConfig | None = None) -> dict:
+    """Run (or resume) the study in `out` on `models` (loaded ChatModels; default: the settings'
+    model names) and write results.json, findings.md, report.html and the figures."""
+    from prism.bench.data import default_dir
     from prism.io import atomic_write_json
-    from prism.models import ChatModel, load_model
+    from prism.model import ChatModel, load_model
     from prism.personas import PersonaRegistry
     from prism.study.analysis import analyse
-    from prism.study.runner import StudyRunner
+    from prism.study.scores import GridScorer
 
     cfg = cfg or load_study_config(preset, config_file, overrides)
-    data_dir = str(data_dir or default_dir())
+    data_dir = str(cfg.data or default_dir())
     out = Path(out)
     registry = PersonaRegistry.load(cfg.persona_dir)
     for name in [*(cfg.personas or []), *cfg.persona_map.values()]:
         registry.get(name)  # an unknown persona fails before a model is loaded
-    models = models or ["embedded"]
+    models = models or list(cfg.models)
     t0 = time.perf_counter()
     analyses, scored = [], []
     for spec in models:
         model = spec if isinstance(spec, ChatModel) else load_model(str(spec), dtype=cfg.dtype,
                                                                      batch_size=cfg.batch_size)
-        runner = StudyRunner(model, cfg, registry, out / "models" / _slug(model.name), data_dir, quiet=quiet)
-        result = runner.run()
+        scorer = GridScorer(model, cfg, registry, out / "models" / _slug(model.name), data_dir, quiet=quiet)
+        result = scorer.run()
         scored.append({k: v for k, v in result.items() if k != "rows"})
         analyses.append(analyse(result, cfg))
         if not isinstance(spec, ChatModel):
-            del model, runner
+            del model, scorer
             gc.collect()
-    settings = {**cfg.model_dump(), "models": [a["model"] for a in analyses], "data_dir": data_dir}
+    settings = {**cfg.model_dump(mode="json"), "models": [a["model"] for a in analyses], "data_dir": data_dir}
     results = write_outputs(out, analyses, cfg, settings)
     results.update(models=scored, seconds=round(time.perf_counter() - t0, 1))
     atomic_write_json(out / "results.json", results)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from prism.eval.data import MMLU_SUPER, MT_BENCH_CATEGORIES, SAFETY_SETS
-from prism.eval.stats import mean_ci, paired_diff_ci
+from prism.bench.data import MMLU_SUPER, MT_BENCH_CATEGORIES, SAFETY_SETS
+from prism.bench.stats import mean_ci, paired_diff_ci
 
 BENCH_ORDER = {"mtbench": MT_BENCH_CATEGORIES, "mmlu": MMLU_SUPER, "safety": SAFETY_SETS}
 BENCH_NAMES = {"mtbench": "MT-Bench", "mmlu": "MMLU", "safety": "Safety refusal"}

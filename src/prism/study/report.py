@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from prism.bench.plots import error_bars, pyplot, save
 from prism.study.analysis import BENCH_NAMES, significant
 
 POINTS = "points on 0-100 (MT-Bench rating x10, MMLU accuracy, refusal rate)"
@@ -27,20 +28,11 @@ def _fmt_mean(ci: dict | None) -> str:
 
 
 # ----- figures ----------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def heatmap_figure(a: dict, path: Path) -> Path:
     """Figure 2a: persona (rows) x task (columns), change vs no persona, * where the CI excludes 0."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     personas, subs = list(a["heatmap"]), a["subs"]
     rows = personas + [r for r in ("random",) if any(v["random_vs_none"] for v in a["expert"].values())]
     grid = np.full((len(rows), len(subs)), np.nan)
@@ -79,32 +71,21 @@ def heatmap_figure(a: dict, path: Path) -> Path:
     ref = a["reference"]
     ax.set_title(f"{a['model']}\nchange vs no persona ({ref['length']} persona, {ref['placement']} turn); "
                  "box = matched expert; * = significant", fontsize=9, pad=22)
-    cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
-    cb.set_label("points (0-100 scale)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02).set_label("points (0-100 scale)", fontsize=8)
+    return save(fig, path)
 
 
 def expert_figure(a: dict, path: Path) -> Path:
     """Figure 2b/c: matched expert vs no persona and vs a random persona, per task, with CIs."""
-    plt = _plt()
+    plt = pyplot()
     subs = a["subs"]
     series = [("vs_none", "matched expert - no persona", "#1f77b4", -0.18),
               ("vs_random", "matched expert - random persona", "#ff7f0e", 0.18)]
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.34 * len(subs)))
     for key, name, colour, offset in series:
-        ys, xs, lo, hi = [], [], [], []
-        for k, sub in enumerate(subs):
-            ci = a["expert"][sub][key]
-            if ci and ci.get("diff") is not None:
-                ys.append(k + offset)
-                xs.append(ci["diff"])
-                lo.append(ci["diff"] - ci["lo"])
-                hi.append(ci["hi"] - ci["diff"])
+        ys, xs, err = error_bars([a["expert"][sub][key] for sub in subs], [k + offset for k in range(len(subs))])
         if xs:
-            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", color=colour, label=name, capsize=2, markersize=4)
+            ax.errorbar(xs, ys, xerr=err, fmt="o", color=colour, label=name, capsize=2, markersize=4)
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_yticks(range(len(subs)), [f"{s}  ({a['matched_persona'].get(s)})" for s in subs], fontsize=8)
     ax.invert_yaxis()
@@ -113,15 +94,12 @@ def expert_figure(a: dict, path: Path) -> Path:
     ax.set_title(f"{a['model']}: does the matched expert help? ({ref['length']}, {ref['placement']})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path, rect=(0, 0.05, 1, 1))
 
 
 def length_placement_figure(a: dict, lengths: list[str], placements: list[str], path: Path) -> Path:
     """Figure 1a-c: matched expert vs no persona per benchmark, by persona length and placement."""
-    plt = _plt()
+    plt = pyplot()
     benches = [b for b in a["length_placement"] if a["length_placement"][b]]
     fig, axes = plt.subplots(1, len(benches), figsize=(4.2 * len(benches), 3.6), squeeze=False)
     width = 0.8 / max(1, len(placements))
@@ -129,15 +107,9 @@ def length_placement_figure(a: dict, lengths: list[str], placements: list[str], 
     for ax, b in zip(axes[0], benches):
         cells = a["length_placement"][b]
         for k, P in enumerate(placements):
-            xs, ys, err_lo, err_hi = [], [], [], []
-            for i, L in enumerate(lengths):
-                ci = cells.get(f"{L}/{P}")
-                if ci and ci.get("diff") is not None:
-                    xs.append(i + (k - (len(placements) - 1) / 2) * width)
-                    ys.append(ci["diff"])
-                    err_lo.append(ci["diff"] - ci["lo"])
-                    err_hi.append(ci["hi"] - ci["diff"])
-            ax.bar(xs, ys, width, yerr=[err_lo, err_hi], capsize=3, color=colours.get(P), label=f"{P} turn")
+            xs, ys, err = error_bars([cells.get(f"{L}/{P}") for L in lengths],
+                                     [i + (k - (len(placements) - 1) / 2) * width for i in range(len(lengths))])
+            ax.bar(xs, ys, width, yerr=err, capsize=3, color=colours.get(P), label=f"{P} turn")
         ax.axhline(0, color="grey", linewidth=1)
         ax.set_xticks(range(len(lengths)), lengths)
         ax.set_xlabel("persona length")
@@ -147,17 +119,14 @@ def length_placement_figure(a: dict, lengths: list[str], placements: list[str], 
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(placements), frameon=False)
     fig.suptitle(f"{a['model']}: persona length and placement (95% CI)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path, rect=(0, 0.07, 1, 1))
 
 
 def models_figure(summary: dict, path: Path) -> Path:
     """Figure 1d: model x benchmark, matched expert vs no persona."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     models = list(summary)
     benches = [b for b in BENCH_NAMES if any(b in summary[m] for m in models)]
     grid = np.array([[summary[m].get(b, {}).get("diff") or np.nan for b in benches] for m in models], dtype=float)
@@ -175,10 +144,7 @@ def models_figure(summary: dict, path: Path) -> Path:
     ax.set_yticks(range(len(models)), models)
     ax.set_title("matched expert - no persona, by model\n(points on 0-100, 95% CI; * = significant)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # ----- findings ---------------------------------------------------------------------------------
@@ -280,7 +246,7 @@ def html_report(analyses: list[dict], summary: dict, figures: dict[str, dict[str
             parts.append(f"<p class='warn'><b>{html.escape(a['model'])}:</b> the MT-Bench judge ({html.escape(s['judge'])}) "
                          f"is no better than chance at telling an answer from an answer to another question "
                          f"({s['accuracy']:.0%} of {s['pairs']} pairs, 95% CI {s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}). "
-                         "Read its MT-Bench numbers as noise; use --judge-url or --judge for a real judge.</p>")
+                         "Read its MT-Bench numbers as noise; use --judge-url or --judge-model for a real judge.</p>")
     parts.append("<h2>Findings</h2>")
     in_list = False
     for line in findings.splitlines():

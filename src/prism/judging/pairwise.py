@@ -1,4 +1,4 @@
-"""Pairwise judges: which of two answers to a query is better?
+"""Pairwise judges (stage 3): which of two answers to a query is better?
 
 Every judge maps (query, answer_a, answer_b) to a preference score for A (positive: A is
 better). A verdict letter is read from the score after subtracting the judge's position bias:
@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
-import random
 import re
-from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-from prism.models import ChatModel
+from prism.judging.sanity import SanityCheck, Triple, sanity_result
+from prism.model import ChatModel
 from prism.records import Letter
 
 log = logging.getLogger(__name__)
-
-Triple = tuple[str, str, str]  # (query, answer_a, answer_b)
 
 JUDGE_PROMPT = (
     "Compare two answers to the same user question. Judge correctness, relevance, helpfulness "
@@ -69,8 +65,8 @@ class PromptedJudge(Judge):
         super().__init__(margin)
         self.model = model
         self.max_answer_chars = max_answer_chars
-        self.ids_a = _letter_ids(model, "A")
-        self.ids_b = _letter_ids(model, "B")
+        self.ids_a = model.variant_ids("A", required=True)
+        self.ids_b = model.variant_ids("B", required=True)
 
     def prompt(self, query: str, a: str, b: str) -> str:
         text = JUDGE_PROMPT.format(query=query, a=a[: self.max_answer_chars], b=b[: self.max_answer_chars])
@@ -175,8 +171,8 @@ def load_program(spec: str) -> Callable[[str], float]:
     return fn
 
 
-def make_judge(kind: str, model: ChatModel, margin: float = 0.0, program: str | None = None,
-               max_new_tokens: int = 5) -> Judge:
+def make_pairwise_judge(kind: str, model: ChatModel, margin: float = 0.0, program: str | None = None,
+                        max_new_tokens: int = 5) -> Judge:
     if kind == "prompted":
         return PromptedJudge(model, margin)
     if kind == "generate":
@@ -190,56 +186,7 @@ def make_judge(kind: str, model: ChatModel, margin: float = 0.0, program: str | 
     raise ValueError(f"unknown judge kind {kind!r}; choose prompted, generate, likelihood or program")
 
 
-def _letter_ids(model: ChatModel, letter: str) -> list[int]:
-    ids = model.variant_ids(letter)
-    if not ids:
-        raise ValueError(f"{model.name}: the letter {letter!r} is not a single token")
-    return ids
-
-
-@dataclass
-class JudgeCheck:
-    """How well a judge tells an answer to the query from an answer to another query."""
-
-    judge: str
-    pairs: int
-    accuracy: float  # share of judgments (both orders) that prefer the right answer
-    ci95: tuple[float, float]  # over pairs: the two orders of a pair are not independent
-    position_bias: float
-    consistency: float  # share of pairs whose two verdicts agree
-    passed: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def mismatched_pairs(items: Sequence[tuple[str, str, str]], n: int, seed: int) -> list[Triple]:
-    """(query, its answer, an answer to another query) from items (query, answer, group); the
-    other query comes from another group (persona) when there is one."""
-    rng = random.Random(seed)
-    if len(items) < 2 or n <= 0:
-        return []
-    picks = rng.sample(range(len(items)), min(n, len(items)))
-    out = []
-    for i in picks:
-        q, a, group = items[i]
-        others = [j for j in range(len(items)) if j != i and items[j][2] != group] or \
-                 [j for j in range(len(items)) if j != i]
-        out.append((q, a, items[rng.choice(others)][1]))
-    return out
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
-
-
-def check_judge(judge: Judge, triples: Sequence[Triple], progress=None) -> JudgeCheck:
+def check_judge(judge: Judge, triples: Sequence[Triple], progress=None) -> SanityCheck:
     """Judge each (query, right, wrong) triple in both orders; calibrate the position bias
     (mean preference for A, which would be 0 for a position-blind judge) and score accuracy."""
     forward = judge.prefer_a(list(triples), progress=progress)
@@ -249,11 +196,6 @@ def check_judge(judge: Judge, triples: Sequence[Triple], progress=None) -> Judge
     lf = [judge.letter(s) for s in forward]
     ls = [judge.letter(s) for s in swapped]
     credit = [((f == "A") + (s == "B")) / 2 for f, s in zip(lf, ls)]  # per pair: 0, 0.5 or 1
-    n = len(triples)
     consistent = sum((f == "A" and s == "B") or (f == "B" and s == "A") or (f == s == "TIE") for f, s in zip(lf, ls))
-    lo, hi = wilson(sum(credit), n)
-    return JudgeCheck(
-        judge=judge.name, pairs=n, accuracy=sum(credit) / n if n else float("nan"),
-        ci95=(round(lo, 4), round(hi, 4)), position_bias=round(judge.bias, 4),
-        consistency=consistent / n if n else float("nan"), passed=bool(n) and lo > 0.5,
-    )
+    return sanity_result(judge.name, credit, position_bias=round(judge.bias, 4),
+                         consistency=round(consistent / len(triples), 4) if triples else None)

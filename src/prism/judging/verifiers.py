@@ -1,5 +1,5 @@
 """Programmatic verifiers: functions that score one answer, for contexts whose effect a program
-can check. Use one as a judge with `judge.kind: program` and `judge.program: prism.verifiers:NAME`.
+can check. Use one as a judge with `judge.kind: program` and `judge.program: prism.judging.verifiers:NAME`.
 """
 
 from __future__ import annotations

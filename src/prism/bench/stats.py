@@ -39,6 +39,27 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, s
             "p": sign_flip_p(d), "n": int(len(d))}
 
 
+def pooled_mean_ci(parts: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                   paired: bool = False) -> dict:
+    """The mean of the parts' means (e.g. the paper's Overall over sub-scores), with a bootstrap CI
+    that resamples items within each part. `paired`: the parts hold paired differences, and a
+    two-sided bootstrap p-value is added."""
+    arrays = [np.asarray(p, dtype=float) for p in parts if len(p)]
+    name = "diff" if paired else "mean"
+    if not arrays:
+        return {name: None, "lo": None, "hi": None, **({} if paired else {"n": 0})}
+    rng = np.random.default_rng(seed)
+    boots = np.mean([a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(1) for a in arrays], axis=0)
+    a_ = (1 - level) / 2
+    out = {name: float(np.mean([a.mean() for a in arrays])), "lo": float(np.quantile(boots, a_)),
+           "hi": float(np.quantile(boots, 1 - a_))}
+    if paired:
+        out["p"] = float(min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean())))
+    else:
+        out["n"] = len(arrays)
+    return out
+
+
 def sign_flip_p(d: np.ndarray, exact_up_to: int = 16) -> float:
     """Two-sided p-value of mean(d) = 0 under random sign flips of the paired differences: every
     flip for n <= exact_up_to; beyond that the flip statistic's normal limit, z = |sum d| /

@@ -81,11 +81,12 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     if upstream:
-        from prism.serve.router import RouterOptions, create_router_app, discover_base, load_gate_router
+        from prism.routed import PrismModel
+        from prism.serve.router import RouterOptions, create_router_app, discover_base
 
         upstream_api_key = upstream_api_key or os.environ.get("PRISM_UPSTREAM_API_KEY") or None
         base = upstream_base or discover_base(upstream, upstream_adapter, upstream_api_key)
-        prism = load_gate_router(run_dir)
+        prism = PrismModel.load_gate_only(run_dir)
         opts = RouterOptions(upstream=upstream, upstream_base=base, upstream_adapter=upstream_adapter,
                              upstream_api_key=upstream_api_key, api_key=api_key, **_fields_of(RouterOptions, options))
         app = create_router_app(prism, opts)

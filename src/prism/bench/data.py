@@ -1,5 +1,6 @@
 """Benchmark loaders. Each takes a local directory (the files named in its README), a limit and a
 seed; a limit draws a sample stratified by category, so a quick run still covers every category.
+Also the benchmark categories and the expert persona matched to each.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prism.errors import DataError
+
 MMLU_CATEGORIES_FILE = Path(__file__).with_name("mmlu_categories.json")
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 MMLU_SUPER = ("stem", "humanities", "social_sciences", "other")
 SAFETY_SETS = ("harmbench", "jailbreak", "pku")
-
-
-class DataError(ValueError):
-    """Benchmark data that is missing or malformed; names the file."""
+# Which persona is the expert for each category (MT-Bench categories map to themselves).
+DEFAULT_PERSONA_MAP = {
+    "stem": "stem", "humanities": "humanities", "social_sciences": "humanities", "other": "helpful",
+    "harmbench": "safety_monitor", "jailbreak": "safety_monitor", "pku": "safety_monitor",
+    "xstest_safe": "safety_monitor", "xstest_unsafe": "safety_monitor",
+    "writing": "writing", "roleplay": "roleplay", "reasoning": "reasoning", "math": "math", "coding": "coding",
+    "extraction": "extraction",
+}
 
 
 @dataclass
@@ -134,6 +141,11 @@ def load_mmlu(directory, limit: int | None = None, seed: int = 0, split: str = "
     return stratified(items, limit, seed, by="subject")
 
 
+def load_safety(directory, limits: dict, seed: int = 0) -> list[Item]:
+    """HarmBench, the jailbreak prompts and PKU-SafeRLHF, each limited by its own name."""
+    return [it for name, loader in SAFETY_LOADERS.items() for it in loader(directory, limits.get(name), seed)]
+
+
 def load_harmbench(directory, limit: int | None = None, seed: int = 0) -> list[Item]:
     items = []
     with open(_file(directory, "harmbench_behaviors.csv"), newline="") as f:
@@ -170,3 +182,6 @@ def load_xstest(directory, limit: int | None = None, seed: int = 0) -> list[Item
                 raise DataError(f"xstest_prompts.csv row {r.get('id')}: label must be safe or unsafe")
             items.append(Item(f"xs-{r['id']}", "xstest", f"xstest_{r['label']}", [r["prompt"]], label=r["label"]))
     return stratified(items, limit, seed)
+
+
+SAFETY_LOADERS = {"harmbench": load_harmbench, "jailbreak": load_jailbreak, "pku": load_pku}

@@ -1,0 +1,2 @@
+"""What eval and study share: benchmark loaders (`data`), cached scoring (`scoring`) and
+bootstrap statistics (`stats`)."""

@@ -1,0 +1,139 @@
+"""Batches of token sequences: the one padding helper (with position ids), the KV-cache keyword
+of the installed transformers, shared-prefix detection for prefix caching, and the gate's input
+(the hidden state after decoder layer 0, computed without running the rest)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left", width: int | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of a padded batch. Positions count each row's real
+    tokens from 0, so a left-padded row computes exactly what it computes alone."""
+    width = max((len(s) for s in seqs), default=0) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if not len(s):
+            continue
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[r, span] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, span] = 1
+    return ids, mask, positions(mask)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (the old name goes in 5.40); older releases,
+    which some serving stacks pin, only know the old one."""
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a model output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefixes(seqs: Sequence[Sequence[int]], min_len: int) -> tuple[list[int], list[int]]:
+    """For each token sequence: the length of the prefix it shares with its group, and the group
+    (-1: none). Groups are runs of lexicographically sorted sequences whose common prefix is at
+    least `min_len` tokens; the prefix stops one token short of the group's shortest sequence, so
+    every row keeps a token to compute the next-token logits from."""
+    n = len(seqs)
+    prefix, group = [0] * n, [-1] * n
+    if n < 2:
+        return prefix, group
+    order = sorted(range(n), key=lambda i: list(seqs[i]))
+    runs, cur, common = [], [order[0]], len(seqs[order[0]])
+    for a, b in zip(order, order[1:]):
+        c = min(common, _common_length(seqs[a], seqs[b]))
+        if c >= min_len:
+            cur.append(b)
+            common = c
+        else:
+            runs.append((cur, common))
+            cur, common = [b], len(seqs[b])
+    runs.append((cur, common))
+    for g, (members, common) in enumerate(runs):
+        length = min(common, min(len(seqs[i]) for i in members) - 1)
+        if len(members) < 2 or length < min_len:
+            continue
+        for i in members:
+            prefix[i], group[i] = length, g
+    return prefix, group
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The stack of decoder layers of a causal LM (plain or wrapped by PEFT)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        return layers
+    config = getattr(inner, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text_config, "num_hidden_layers", None)
+    for module in inner.modules():  # fall back to the only ModuleList of the right depth
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(inner).__name__}: PRISM's gate reads the output "
+                     "of the first decoder layer, so the model needs a `get_decoder().layers` stack")
+
+
+def layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def first_layer_output(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run the model only up to the output of decoder layer 0 (the gate's input), for a
+    left-padded batch; positions count from each row's first real token."""
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["h"] = layer_output(output)
+        raise _StopForward
+
+    handle = decoder_layers(model)[0].register_forward_hook(hook)
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Mean over the prompt's real tokens, or the state of its last token (left padding)."""
+    if pooling == "last":
+        return hidden[:, -1, :]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"unknown pooling {pooling!r}; choose mean or last")
