@@ -99,9 +99,9 @@ def config_for(side: str, personas: list[str], n: int, judge: str | None = None)
 
 
 def teacher_examples(model, run_dir: Path, config):
-    from prism.personas import PersonaRegistry
+    from prism.contexts import ContextRegistry
 
-    reg = PersonaRegistry.load(None)
+    reg = ContextRegistry.load(None)
     rows = read_jsonl(run_dir / "answers.jsonl")
     return [build_example(model, r["query_id"], r["query"], r["answer_persona"],
                           reg.get(r["persona"]).text(config.persona_length), config.placement,
@@ -145,9 +145,9 @@ def levers(personas, n, workdir: Path) -> list[dict]:
     out = workdir / "levers"
     run_pipeline(config, out, until="verdicts", quiet=True, model=model)
     answers = read_jsonl(out / "answers.jsonl")
-    from prism.personas import PersonaRegistry
+    from prism.contexts import ContextRegistry
 
-    reg = PersonaRegistry.load(None)
+    reg = ContextRegistry.load(None)
     persona_prompts = [model.user_prompt(a["query"], reg.get(a["persona"]).text("long")) for a in answers]
     prompts = [model.user_prompt(a["query"]) for a in answers] + persona_prompts
     rows = []

@@ -25,7 +25,7 @@ from pathlib import Path
 from prism.config import load_config
 from prism.io import atomic_write_json
 from prism.model import load_model
-from prism.personas import PersonaRegistry
+from prism.contexts import ContextRegistry
 from prism.pipeline import run_pipeline
 from prism.routed import PrismModel
 from prism.judging.verifiers import is_french
@@ -68,7 +68,7 @@ def main() -> None:
     run = run_pipeline(cfg, args.out, model=base)
     pipeline_s = time.perf_counter() - t0
 
-    context = PersonaRegistry.load(CONTEXT).get("french").text()
+    context = ContextRegistry.load(CONTEXT).get("french").text()
     questions = heldout_questions(Path(args.benchmarks), args.heldout)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=0.0)
     routed = PrismModel.load(args.out)  # its own model copy: the adapter is injected into it

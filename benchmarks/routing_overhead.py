@@ -12,7 +12,7 @@ so that every reply is exactly --tokens tokens long (same work for every system)
 
 Gate cost: the layer-0 pass (route_prompts: embeddings, layer 0, pooling, MLP) as a share of the
 whole routed request.
-Persona prompt vs PRISM: prompt tokens and time to first token (a 1-token reply, prefill included)
+Context prompt vs PRISM: prompt tokens and time to first token (a 1-token reply, prefill included)
 for each persona length (long, short, minimal; several personas and queries), the persona sent in
 the system prompt to the base model, against PRISM's routed request without persona tokens.
 Medians over --repeats. Writes benchmarks/results/routing_overhead.json.
@@ -43,7 +43,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from prism.model import load_model
-    from prism.personas import PersonaRegistry
+    from prism.contexts import ContextRegistry
     from prism.routed import PrismModel
 
     data = {"machine": machine(), "command": command(), "run_dir": args.run_dir, "tokens": args.tokens}
@@ -95,8 +95,8 @@ def main() -> int:
     data["gate"] = {"layer0_pass_ms": round(1000 * gate_separate, 2),
                     "share_of_request": round(gate_separate / request_routed, 5)}
 
-    # Persona prompt vs PRISM: prompt tokens and time to first token.
-    reg = PersonaRegistry.load(None)
+    # Context prompt vs PRISM: prompt tokens and time to first token.
+    reg = ContextRegistry.load(None)
     for m in (base, swap.model):
         m.stop_ids = [never]
     ttft_rows = []
@@ -135,7 +135,7 @@ def main() -> int:
                            [[r["persona_length"], r["persona_prompt_tokens"], r["prism_prompt_tokens"],
                              r["tokens_saved"], r["persona_ttft_ms"], r["prism_ttft_ms"],
                              r["ttft_ratio_persona_over_prism"]] for r in ttft_rows],
-                           title="Persona prompt vs PRISM (no persona tokens), time to first token, batch 1")
+                           title="Context prompt vs PRISM (no persona tokens), time to first token, batch 1")
     return finish("routing_overhead", data, text, args.out)
 
 

@@ -76,9 +76,9 @@ def main() -> int:
         summary = json.loads((work / "distill" / "summary.json").read_text())
         from prism.stages.context import StageContext
         from prism.stages.distill import distill_examples
-        from prism.personas import PersonaRegistry
+        from prism.contexts import ContextRegistry
 
-        reg = PersonaRegistry.load(config.persona_dir)
+        reg = ContextRegistry.load(config.persona_dir)
         ctx = StageContext(config=config, model=model, personas=reg.select(config.personas), run=RunDir(work),
                            quiet=True)
         examples = distill_examples(ctx)

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prism"
 # The pipeline order, bottom first. A module may import its own layer's modules of the same
 # package and any lower layer; never a higher one.
 LAYERS = [
-    ("prism.version", "prism.errors", "prism.io", "prism.records", "prism.config", "prism.personas"),
+    ("prism.version", "prism.errors", "prism.io", "prism.records", "prism.config", "prism.contexts"),
     ("prism.model",),
     ("prism.run",),
     ("prism.judging",),

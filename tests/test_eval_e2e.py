@@ -29,7 +29,7 @@ def test_mmlu_letter_scores_match_a_hand_computed_forward_pass(tmp_path, embedde
     for letter, lp in zip(LETTERS, logprobs):
         variants = [embedded.token_ids(" " + letter)[0], embedded.token_ids(letter)[0]]
         assert lp == pytest.approx(float(last[sorted(set(variants))].logsumexp(-1)), abs=1e-4)
-    assert route == {"adapter": False, "score": None}
+    assert route == {"adapter": None, "score": None}
     # The persona system puts the matched expert in the prompt.
     assert systems.persona_name(item) in ("stem", "humanities", "helpful")
 
@@ -54,7 +54,7 @@ def test_tiny_eval_writes_results_and_a_rerun_reuses_every_cached_item(tmp_path,
     # 2 systems x (2 MT-Bench x 2 turns + 5 safety + 4 xstest)
     assert len(gens) == 2 * (4 + 5 + 4)
     raw = json.loads((out / "raw.json").read_text())
-    assert all(r["adapter"] is False for r in raw["safety"]["systems"]["persona"]["routes"])
+    assert all(r["adapter"] is None for r in raw["safety"]["systems"]["persona"]["routes"])
 
     sizes = {p.name: p.stat().st_size for p in out.glob("*.jsonl")}
     again = run_eval(out, **kwargs)

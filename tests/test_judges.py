@@ -1,7 +1,9 @@
 import pytest
 
-from prism.judging.pairwise import Judge, ProgramJudge, check_judge, load_program, parse_verdict
+from prism.contexts import ContextRegistry
+from prism.judging.pairwise import Judge, check_judge, parse_verdict
 from prism.judging.pairwise import make_pairwise_judge as make_judge
+from prism.judging.verifiers import facts, leaked_facts, load_check
 from prism.judging.sanity import mismatched_pairs, wilson
 
 
@@ -30,12 +32,15 @@ def test_mismatched_pairs_take_the_wrong_answer_from_another_query():
         assert (int(wrong[1:]) < 3) != (i < 3)  # another group (persona) when one exists
 
 
-def _length(answer: str) -> float:
-    return len(answer)
+class _Length(Judge):
+    name = "length"
+
+    def prefer_a(self, triples, progress=None):
+        return [float(len(a) - len(b)) for _, a, b in triples]
 
 
-def test_program_judge_check_and_verdicts():
-    judge = ProgramJudge(_length)
+def test_check_and_verdicts_of_a_judge_that_scores_each_answer():
+    judge = _Length()
     check = check_judge(judge, [("q", "a long relevant answer " * 3, "short")] * 10)
     assert check.accuracy == 1.0 and check.consistency == 1.0 and check.passed
     assert judge.letter(judge.prefer_a([("q", "xx", "x")])[0]) == "A"
@@ -60,17 +65,38 @@ def test_position_bias_is_calibrated_out():
     assert check.accuracy == 1.0 and check.consistency == 1.0
 
 
+class _Tie(Judge):
+    name = "tie"
+
+    def prefer_a(self, triples, progress=None):
+        return [0.0] * len(triples)
+
+
 def test_chance_judge_fails_the_check():
-    judge = ProgramJudge(lambda a: 0.0)  # always TIE
-    check = check_judge(judge, [("q", "right", "wrong")] * 20)
+    check = check_judge(_Tie(), [("q", "right", "wrong")] * 20)
     assert check.accuracy == 0.0 and not check.passed
 
 
-def test_load_program_errors():
-    assert load_program("os.path:basename")("/a/b") == "b"
-    with pytest.raises(ValueError, match="module:function"):
-        load_program("nocolon")
+def test_load_check_errors_and_one_argument_programs():
+    assert load_check("prism.judging.verifiers:is_french")("Bonjour, je suis très content de vous voir.") == 1.0
+    assert load_check("french")("Hello, how are you today?") == 0.0
+    with pytest.raises(ValueError, match="unknown check"):
+        load_check("nocolon")
     with pytest.raises(ValueError, match="cannot import"):
-        load_program("os.path:no_such_fn")
-    with pytest.raises(ValueError, match="unknown judge kind"):
+        load_check("os.path:no_such_fn")
+    with pytest.raises(ValueError, match="unknown model judge kind"):
         make_judge("oracle", model=None)
+
+
+def test_the_facts_check_rewards_the_right_fact_and_penalises_leaks():
+    maya = ContextRegistry.load("suite:contexts").get("memory_maya")
+    assert facts("Your dog is Korvo, a beagle.", "What's my dog called?", maya, serves=True) == 1.0
+    assert facts("Your dog is a golden retriever.", "What's my dog called?", maya, serves=True) == 0.0
+    # The question names the dog: stating another fact is not the answer.
+    assert facts("You live in Porto.", "What's my dog called?", maya, serves=True) == 0.0
+    # A question that names no fact: any fact counts.
+    assert facts("You are Maya and you live in Porto.", "Tell me about myself.", maya, serves=True) == 1.0
+    # Where the memory does not belong, a fact in the answer is a leak; common words are not.
+    assert facts("Paris is the capital. Korvo says hi.", "What is the capital of France?", maya, serves=False) == -1.0
+    assert facts("Rowing and teal paint, 27 times.", "Any sport tips?", maya, serves=False) == 0.0
+    assert sorted(leaked_facts("Mirelle and Tomas went to Edinburgh.", maya)) == ["cat", "partner", "university"]

@@ -76,9 +76,9 @@ def test_chat_plain_reports_route_and_usage(local, client, run_dir, embedded):
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     info = resp.prism
     expected = gate_route(run_dir, embedded, HELLO)
-    assert info["adapter"] == expected.adapter and info["forced"] is False
-    assert info["score"] == pytest.approx(expected.score, abs=1e-3)
-    assert raw.headers["x-prism-route"] == info["route"] == ("adapter" if expected.adapter else "base")
+    assert info["adapter"] == (expected.adapter is not None) and info["forced"] is False
+    assert info["score"] == pytest.approx(expected.probability, abs=1e-3)
+    assert raw.headers["x-prism-route"] == info["route"] == expected.name
 
 
 def test_streaming_gives_the_same_text_as_plain(client):
@@ -101,8 +101,8 @@ def test_streaming_gives_the_same_text_as_plain(client):
 def test_forced_routes_seed_stop_and_length(client):
     base = client.chat.completions.create(model="prism-base", messages=HELLO, max_tokens=6, temperature=0)
     adapter = client.chat.completions.create(model="prism-adapter", messages=HELLO, max_tokens=6, temperature=0)
-    assert base.prism == {"route": "base", "adapter": False, "score": None, "threshold": base.prism["threshold"],
-                          "forced": True}
+    assert base.prism == {"route": "base", "adapter": False, "score": None, "runner_up": None,
+                          "runner_up_score": None, "rule": "forced", "forced": True}
     assert adapter.prism["route"] == "adapter" and adapter.prism["forced"] is True
     short = client.chat.completions.create(model="prism-base", messages=HELLO, max_tokens=3, temperature=0)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
@@ -392,7 +392,7 @@ def test_exported_adapter_is_the_same_function(run_dir, tmp_path):
 
     info = export_adapter(run_dir, tmp_path / "export")
     cfg = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
-    assert cfg["layers_to_transform"] is None and info["zero_layers"] == [0]
+    assert cfg["layers_to_transform"] is None and info["adapters"]["adapter"]["zero_layers"] == [0]
     tensors = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
     layer0 = [v for k, v in tensors.items() if ".layers.0." in k]
     assert layer0 and all(float(v.abs().sum()) == 0 for v in layer0)

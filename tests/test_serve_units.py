@@ -1,3 +1,4 @@
+import json
 """Server building blocks without a server: request validation, stop strings, the decode loop."""
 
 import pytest
@@ -48,9 +49,28 @@ def test_max_tokens_against_limit_and_context():
     assert e.value.status == 413
 
 
-def test_route_info_never_puts_nan_in_json():
-    info = P.route_info(False, float("nan"), 0.5, True)
-    assert info == {"route": "base", "adapter": False, "score": None, "threshold": 0.5, "forced": True}
+def test_route_info_names_the_route_its_probability_and_the_runner_up():
+    from prism.routed import Route
+
+    assert P.route_info(Route(None, rule="forced")) == {
+        "route": "base", "adapter": False, "score": None, "runner_up": None, "runner_up_score": None,
+        "rule": "forced", "forced": True}
+    info = P.route_info(Route("memory_maya", 0.81, "base", 0.12))
+    assert info["route"] == "memory_maya" and info["adapter"] and info["score"] == 0.81
+    assert info["runner_up"] == "base" and not info["forced"] and info["rule"] == "gate"
+    assert json.loads(json.dumps(info)) == info
+
+
+def test_model_ids_force_each_adapter_and_prism_adapter_names_an_only_adapter():
+    assert P.model_ids(["adapter"]) == {"prism-base": None, "prism-adapter": "adapter"}
+    assert P.model_ids(["french"]) == {"prism-base": None, "prism-french": "french", "prism-adapter": "french"}
+    ids = P.model_ids(["memory_maya", "zorblax"])
+    assert ids == {"prism-base": None, "prism-memory_maya": "memory_maya", "prism-zorblax": "zorblax"}
+    assert P.check_model("prism", ["zorblax"]) is None
+    assert P.check_model("prism-zorblax", ["zorblax"]).adapter == "zorblax"
+    with pytest.raises(P.ApiError) as e:
+        P.check_model("prism-adapter", ["memory_maya", "zorblax"])
+    assert e.value.status == 404 and "prism-zorblax" in e.value.message
 
 
 def test_text_stream_holds_back_possible_stop_strings(embedded):

@@ -8,12 +8,12 @@ import pytest
 from prism.config import ConfigError
 from prism.bench.stats import paired_diff_ci, sign_flip_p
 from prism.bench.data import DEFAULT_PERSONA_MAP
-from prism.personas import PersonaRegistry
+from prism.contexts import ContextRegistry
 from prism.study.analysis import all_tests, analyse, benjamini_hochberg, mark_significance, significant
 from prism.config import load_study_config
 from prism.study.grid import NONE, Condition, expand_grid, persona_for, random_persona
 
-NAMES = PersonaRegistry.builtin().names()
+NAMES = ContextRegistry.builtin().names()
 
 
 def test_quick_grid_has_every_persona_at_the_reference_and_controls_everywhere():

@@ -1,9 +1,9 @@
-"""PRISM: Persona Routing via Intent-based Self-Modeling.
+"""PRISM: Context Routing via Intent-based Self-Modeling.
 
 Measure what a persona prompt does to a chat model, distil it into a gated LoRA adapter, and
 serve the routed model. The public API:
 
-    from prism import load_config, run_pipeline, PrismModel, PersonaRegistry, load_model
+    from prism import load_config, run_pipeline, PrismModel, ContextRegistry, load_model
 """
 
 import warnings
@@ -14,9 +14,9 @@ from prism.version import __version__
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from prism.config import PrismConfig, load_config  # noqa: E402
-from prism.personas import Persona, PersonaRegistry  # noqa: E402
+from prism.contexts import Context, ContextRegistry  # noqa: E402
 
-__all__ = ["PrismConfig", "load_config", "Persona", "PersonaRegistry", "load_model", "run_pipeline", "PrismModel",
+__all__ = ["PrismConfig", "load_config", "Context", "ContextRegistry", "load_model", "run_pipeline", "PrismModel",
            "__version__"]
 
 

@@ -89,6 +89,8 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "--limit": ("per-benchmark item limits, e.g. mmlu=200,mtbench=80,harmbench=100", "limits", {"type": _limits}),
     "--benchmarks": ("comma-separated benchmarks to score", "benchmarks", {"type": _names}),
     # eval and study
+    "--suite": ("paper: Table 1 on the benchmarks; contexts: prism's context suite on a context run", "suite",
+                {"choices": ["paper", "contexts"]}),
     "--systems": ("comma-separated subset of base,persona,ungated,prism", "systems", {"type": _names}),
     "--shots": ("MMLU few-shot examples from the dev file", "mmlu_shots", {"type": int}),
     "--lengths": ("comma-separated persona lengths of the grid (long,short,minimal)", "lengths", {"type": _names}),
@@ -99,15 +101,16 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "--max-new-tokens": ("reply length limit", None, {"type": int, "default": 256}),
     "--temperature": ("0 = greedy", None, {"type": float, "default": 0.0}),
     "--top-p": ("nucleus sampling mass", None, {"type": float, "default": 1.0}),
-    "--adapter": ("force the route instead of asking the gate", None,
-                  {"choices": ["auto", "on", "off"], "default": "auto"}),
+    "--adapter": ("force the route instead of asking the gate: on (the only adapter), off, or an adapter name",
+                  None, {"default": "auto"}),
+    "--context": ("the context to use within its gate class (e.g. one user's memory)", None, {}),
 }
 
 RUN_SETTINGS = ["--model", "--config", "--personas", "--only", "--length", "--placement", "--n", "--judge",
                 "--judge-model", "--seed", "--batch-size", "--dtype", "--infer-dtype", "--device",
                 "--trust-remote-code", "--generator-url", "--generator-served-model", "--generator-concurrency"]
 JUDGE_SETTINGS = ["--judge-model", "--judge-url", "--judge-served-model", "--judge-key-env", "--refusal"]
-GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter"]
+GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter", "--context"]
 
 
 def _add(p: argparse.ArgumentParser, names: list[str], study_models: bool = False) -> None:
@@ -173,9 +176,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_personas(args) -> int:
-    from prism.personas import PersonaRegistry
+    from prism.contexts import ContextRegistry
 
-    reg = PersonaRegistry.load(args.personas)
+    reg = ContextRegistry.load(args.personas)
     if args.show:
         p = reg.get(args.show)
         print(json.dumps({"name": p.name, "kind": p.kind, "category": p.category, "source": p.source,
@@ -193,21 +196,23 @@ def _load_routed(args):
     return PrismModel.load(args.run_dir, route_every_turn=getattr(args, "route_every_turn", False))
 
 
-def _forced(args) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.adapter]
+def _forced(args) -> bool | str | None:
+    return {"auto": None, "on": True, "off": False}.get(args.adapter, args.adapter)
 
 
 def _route_line(route) -> str:
-    state = "ON" if route.adapter else "off"
-    how = "forced" if route.forced else f"gate {route.score:.3f} vs threshold {route.threshold:.3f}"
-    return f"[route: adapter {state}, {how}]"
+    if route.forced:
+        return f"[route: {route.name}, forced]"
+    return (f"[route: {route.name} (p={route.probability:.3f}; runner-up {route.runner_up} "
+            f"p={route.runner_up_probability:.3f}; {route.rule})]")
 
 
 def cmd_generate(args) -> int:
     model = _load_routed(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
-    reply = model.chat(messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, _forced(args))
+    reply = model.chat(messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, _forced(args),
+                       args.context)
     if args.json:
         print(json.dumps(reply.to_dict(), ensure_ascii=False))
     else:
@@ -235,12 +240,13 @@ def cmd_chat(args) -> int:
             print("(new conversation)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        reply = model.chat(messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, _forced(args))
+        reply = model.chat(messages, args.max_new_tokens, args.temperature, args.top_p, args.seed, _forced(args),
+                       args.context)
         messages.append({"role": "assistant", "content": reply.text})
         print(f"prism> {reply.text}\n{_route_line(reply.route)}", flush=True)
 
 
-EVAL_SETTINGS = ["--data", "--limit", "--systems", "--benchmarks", "--shots", "--length", "--placement",
+EVAL_SETTINGS = ["--suite", "--data", "--limit", "--systems", "--benchmarks", "--shots", "--length", "--placement",
                  "--persona-map", "--seed", *JUDGE_SETTINGS]
 
 
@@ -252,6 +258,10 @@ def cmd_eval(args) -> int:
     results = run_eval(args.out, run_dir=args.run_dir, model=args.model, preset=args.preset,
                        config_file=args.config, overrides=_overrides(args, EVAL_SETTINGS), quiet=args.quiet)
     out = Path(results["out"])
+    if "suite" in results:
+        print((out / "suite.md").read_text())
+        print(f"results: {out / 'suite.json'}")
+        return 0
     print((out / "table.md").read_text())
     print(f"results: {out / 'results.json'}; plots: {', '.join(results.get('plots', []))}")
     return 0
@@ -289,7 +299,7 @@ def cmd_serve(args) -> int:
 def cmd_export_adapter(args) -> int:
     from prism.serve.export import export_adapter
 
-    print(json.dumps(export_adapter(args.run_dir, args.out), indent=2))
+    print(json.dumps(export_adapter(args.run_dir, args.out, force=args.force), indent=2))
     return 0
 
 
@@ -336,7 +346,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
         ("--upstream-adapter", {"default": "prism-adapter", "help": "the upstream's name for the LoRA"}),
         ("--upstream-api-key", {"help": "key for the upstream (or set PRISM_UPSTREAM_API_KEY)"})]),
     "export-adapter": ("write the run's LoRA in a form vLLM and SGLang load", cmd_export_adapter, [
-        RUN_DIR, ("--out", {"required": True, "help": "directory for the exported adapter"})]),
+        RUN_DIR, ("--out", {"required": True, "help": "directory for the exported adapter (empty or new)"}),
+        ("--force", {"action": "store_true", "help": "write into a non-empty --out (replaces only the adapter files)"})]),
 }
 QUIET_BY_DEFAULT = {"config", "personas", "generate", "chat", "export-adapter"}
 

@@ -40,6 +40,9 @@ class QueryConfig(Section):
     # The paper writes queries with the persona in context. Turn this off for contexts that
     # would leak into the queries themselves (e.g. "answer in French" makes French queries).
     persona_in_context: bool = True
+    # Queries on general topics that no context serves: the gate's examples of "leave the base
+    # model alone" (without them it can only learn "always on").
+    n_general: int = Field(0, ge=0)
 
 
 class AnswerConfig(Section):
@@ -48,6 +51,12 @@ class AnswerConfig(Section):
     temperature: float = Field(0.7, ge=0)  # 0 means greedy
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(96, ge=1)
+    # Also answer every query under every other context (adapters: per_context), so the gate's
+    # decision rule sees what a context does where it does not belong.
+    cross: bool = False
+    # Answers sampled per (query, own context); with a program check the best-checked one is kept
+    # (best-of-n against a verifier: more of the context's facts reach the distill set).
+    samples: int = Field(1, ge=1, le=16)
 
 
 class JudgeConfig(Section):
@@ -68,17 +77,26 @@ class JudgeConfig(Section):
 
 
 class GateConfig(Section):
-    """Stage 4: the MLP that decides per prompt whether the adapter is used."""
+    """Stage 4: the classifier that picks base or an adapter per prompt, and its decision rule."""
 
-    pooling: Literal["auto", "last", "mean"] = "auto"  # auto: train both, keep the better
-    hidden: tuple[int, ...] = (128, 64)
+    # What it learns: `verdicts` (the paper): the adapter where its context won the verdict;
+    # `source`: which context's queries a prompt is like (general queries: base).
+    labels: Literal["verdicts", "source"] = "verdicts"
+    pooling: Literal["auto", "last", "mean"] = "auto"  # auto: both, keep the better cross-validated one
+    hidden: tuple[int, ...] = (128, 64)  # () = a linear classifier
     dropout: float = Field(0.1, ge=0, lt=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     max_epochs: int = Field(200, ge=1)
-    patience: int = Field(20, ge=1)
-    holdout: float = Field(0.25, gt=0, lt=1)
-    min_examples: int = Field(8, ge=2)  # fewer (or a single class) -> constant gate
+    patience: int = Field(20, ge=1)  # early stopping on an inner split of each training fold
+    holdout: float = Field(0.25, gt=0, lt=1)  # that inner split's share
+    min_examples: int = Field(8, ge=2)  # fewer (or a single class) -> a constant rule
+    folds: int = Field(5, ge=2)  # cross-validation folds for the decision rule
+    # The utility of sending a prompt to an adapter is its context's gain there minus this cost:
+    # leaving the base model must buy something. For a context of scope `own` (a memory) on a query
+    # it does not serve the cost is `unserved_cost`: there the base model's answer is the right one.
+    switch_cost: float = Field(0.05, ge=0)
+    unserved_cost: float = Field(1.0, ge=0)
 
 
 class DistillConfig(Section):
@@ -100,6 +118,10 @@ class DistillConfig(Section):
     epochs: int = Field(10, ge=1)
     max_seq_len: int = Field(512, ge=16)
     train_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Which answers are distilled: `wins` (the paper: where the context won stage 3) or `served`
+    # (every answer of a context to its own queries: the teacher's distributions carry its facts
+    # even where its sampled answer missed them).
+    examples: Literal["wins", "served"] = "wins"
 
 
 class PrismConfig(Section):
@@ -114,6 +136,9 @@ class PrismConfig(Section):
     persona_dir: str | None = None  # extra personas: a directory of YAML files or one YAML file
     persona_length: PersonaLength = "long"
     placement: Placement = "system"
+    # shared: one adapter for every context (the paper); per_context: one adapter per context and a
+    # gate with one class per context group plus "base".
+    adapters: Literal["shared", "per_context"] = "shared"
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     # Stages 1-3 and the teacher logits of stage 5 may run with the weights cast to another dtype
@@ -162,6 +187,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "judge": {"kind": "prompted", "sanity_pairs": 100},
         "gate": {"hidden": [128, 64]},
         "distill": {"epochs": 10, "batch_size": 4, "grad_accum": 4, "max_seq_len": 1024},
+    },
+    # Contexts, not personas: a user's memory, a product sheet and a travel guide (prism's context
+    # suite, `prism eval RUN --suite contexts`), one adapter each behind a 4-way gate that also sees
+    # general queries. Checks are programs (the answer states the fact), so no model judge runs.
+    "contexts": {
+        "persona_dir": "suite:contexts", "personas": ["memory_maya", "zorblax", "vellmoor"],
+        "adapters": "per_context",
+        "queries": {"n_per_persona": 32, "n_general": 48, "persona_in_context": False},
+        "answers": {"cross": True, "max_new_tokens": 48},
+        "gate": {"labels": "source", "hidden": [], "lr": 3e-2, "max_epochs": 300, "patience": 30},
+        "distill": {"epochs": 8, "lr": 1e-3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384,
+                    "train_dtype": "bfloat16"},
     },
     # Tiny settings for tests: minutes on the embedded model.
     "micro": {
@@ -308,6 +345,11 @@ class EvalConfig(ScoringConfig):
     mmlu_shots: int = Field(0, ge=0, le=5)
     persona_length: PersonaLength | None = None  # None = the run's
     placement: Placement | None = None  # None = the run's
+    # `paper`: Table 1 (the benchmarks above); `contexts`: prism's context suite on a context run
+    # (held-out questions per context, general questions, routing, prompt cost).
+    suite: Literal["paper", "contexts"] = "paper"
+    suite_max_new_tokens: int = Field(48, ge=1)
+    suite_mtbench: int = Field(40, ge=0)  # MT-Bench first turns among the suite's general questions
 
 
 EVAL_PRESETS: dict[str, dict[str, Any]] = {

@@ -10,7 +10,7 @@ from typing import Callable
 from prism.config import STAGES, PrismConfig
 from prism.errors import RunError
 from prism.model import ChatModel, load_model_for
-from prism.personas import PersonaRegistry
+from prism.contexts import ContextRegistry
 from prism.run import RunDir, world_size
 from prism.stages.answers import run_answers
 from prism.stages.context import StageContext
@@ -41,7 +41,7 @@ def run_pipeline(
     if until is not None and until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
     until = until or STAGES[-1]
-    registry = PersonaRegistry.load(config.persona_dir)
+    registry = ContextRegistry.load(config.persona_dir)
     personas = registry.select(config.personas)
     texts = {p.name: p.text(config.persona_length) for p in personas}
     run = RunDir(out)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
 Letter = Literal["A", "B", "TIE"]
 T = TypeVar("T", bound="Record")
+GENERAL = "_general"  # the source of queries on general topics, which no context serves
+SHARED = "adapter"  # the one adapter (and gate class) of `adapters: shared`
 
 
 @dataclass
@@ -17,7 +19,7 @@ class Record:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         names = {f.name for f in fields(cls)}
-        missing = [n for n in names if n not in data]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
         if missing:
             raise ValueError(f"{cls.__name__} row is missing {missing}: {str(data)[:120]}")
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -25,7 +27,7 @@ class Record:
 
 @dataclass
 class QueryRecord(Record):
-    """Stage 1: a query the model wrote for `persona`."""
+    """Stage 1: a query the model wrote for the context `persona` (GENERAL: for none)."""
 
     id: str
     persona: str
@@ -35,7 +37,8 @@ class QueryRecord(Record):
 
 @dataclass
 class AnswerRecord(Record):
-    """Stage 2: the same query answered without and with its persona."""
+    """Stage 2: a query answered without and with the context `persona` (its own context, or with
+    `answers.cross` any other); `source` is the context that wrote the query (GENERAL: none)."""
 
     query_id: str
     persona: str
@@ -44,6 +47,11 @@ class AnswerRecord(Record):
     answer_persona: str
     tokens_base: int
     tokens_persona: int
+    source: str | None = None  # None: the query's own context (runs written before contexts)
+
+    @property
+    def origin(self) -> str:
+        return self.source or self.persona
 
 
 @dataclass
@@ -63,6 +71,19 @@ class VerdictRecord(Record):
     score_persona_first: float
     score_persona_second: float
     label: int
+    source: str | None = None  # the context that wrote the query (None: `persona`)
+    gain: float | None = None  # what the context did to the answer: +1 won both orders ... -1 lost both
+
+    @property
+    def origin(self) -> str:
+        return self.source or self.persona
+
+    @property
+    def value(self) -> float:
+        """The gain, derived from the letters for rows written before gains were recorded."""
+        if self.gain is not None:
+            return self.gain
+        return float(self.label) - float(self.persona_first == "B" and self.persona_second == "A")
 
     @property
     def consistent(self) -> bool:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from prism.config import STAGES, PrismConfig
 from prism.errors import RunError
 from prism.io import atomic_write_json
+from prism.records import SHARED
 
 # Settings that change speed, not results: a run may resume with different values.
 RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency")
@@ -66,8 +67,6 @@ class RunDir:
         self.verdicts = self.path / "verdicts.jsonl"
         self.judge_check = self.path / "judge_check.json"
         self.gate_dir = self.path / "gate"
-        self.adapter_dir = self.path / "adapter"  # the LoRA in PEFT format (PeftModel.from_pretrained loads it)
-        self.distill_dir = self.path / "distill"  # teacher cache, checkpoint, losses, summary
         self.eval_dir = self.path / "eval"  # where `prism eval RUN` writes when no --out is given
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.is_file():
@@ -75,6 +74,23 @@ class RunDir:
                 self.manifest = json.loads(self.manifest_path.read_text())
             except json.JSONDecodeError as e:
                 raise RunError(f"{self.manifest_path} is not valid JSON ({e})") from None
+
+    def adapter_path(self, name: str = SHARED) -> Path:
+        """A LoRA in PEFT format (PeftModel.from_pretrained loads it): `adapter/` for the shared one,
+        `adapters/<context>/` for one per context."""
+        return self.path / "adapter" if name == SHARED else self.path / "adapters" / name
+
+    def distill_path(self, name: str = SHARED) -> Path:
+        """Stage 5's working files of an adapter: teacher cache, checkpoint, losses, summary."""
+        return self.path / "distill" if name == SHARED else self.path / "distill" / name
+
+    def finished_adapters(self, add: str | None = None) -> list[str]:
+        """The adapters stage 5 has written (runs from before several adapters: the shared one)."""
+        done = self.manifest.setdefault("adapters", [SHARED] if self.status("distill") == "done" else [])
+        if add is not None and add not in done:
+            done.append(add)
+            self.save()
+        return list(done)
 
     # ----- state ------------------------------------------------------------------------------
     @property

@@ -78,7 +78,7 @@ def predicted_letter(logprobs: Sequence[float]) -> int:
 @dataclass
 class Cell:
     """One item under one condition: the persona text put in front of it (and where), and its route
-    ({"adapter": bool, "score": gate score or None}; None: the base model). `condition` and
+    ({"adapter": adapter name or None, "score": gate probability or None}; None: the base model). `condition` and
     `persona_name` are the caller's labels."""
 
     item: Item
@@ -178,9 +178,9 @@ class Scorer:
         if self.adapters is None:
             yield BASE, list(range(len(cells)))
             return
-        for on, idx in self.adapters.grouped([bool(c.route and c.route["adapter"]) for c in cells]):
-            yield (self.adapter_variant if on else BASE), idx
-        self.adapters.set_adapter(False)
+        for name, idx in self.adapters.grouped([c.route["adapter"] if c.route else None for c in cells]):
+            yield (f"{self.adapter_variant}/{name}" if name else BASE), idx
+        self.adapters.set_adapter(None)
 
     def _prompts(self, cells: Sequence[Cell], conversations: Sequence[list[dict]]) -> list[str]:
         return [self.model.prompt(v, c.persona, c.placement) for c, v in zip(cells, conversations)]

@@ -18,7 +18,7 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
     from prism.bench.data import default_dir
     from prism.eval.evaluator import Evaluator
     from prism.eval.systems import Systems
-    from prism.personas import PersonaRegistry
+    from prism.contexts import ContextRegistry
 
     s = settings or load_eval_config(preset, config_file, overrides)
     if run_dir is None and model is None and chat_model is None:
@@ -33,7 +33,7 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
         cfg = run.config()
         prism = PrismModel.load(run.path, model=chat_model)
         chat = prism.model
-        registry = PersonaRegistry.load(cfg.persona_dir)
+        registry = ContextRegistry.load(cfg.persona_dir)
         fingerprint = {"run": str(run.path.resolve()), "run_created": run.manifest.get("created"),
                        "model": run.manifest.get("model")}
         s = s.model_copy(update={"persona_length": s.persona_length or cfg.persona_length,
@@ -45,11 +45,18 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
         if out is None:
             raise ValueError("--out is needed when no run directory is given")
         chat = chat_model or load_model(model)
-        registry = PersonaRegistry.builtin()
+        registry = ContextRegistry.builtin()
         fingerprint = {"model": chat.source}
         s = s.model_copy(update={"systems": tuple(x for x in s.systems if x in ("base", "persona")),
                                  "persona_length": s.persona_length or "long",
                                  "placement": s.placement or "system"})
+    if s.suite == "contexts":
+        from prism.eval.contexts import ContextSuite
+
+        if prism is None:
+            raise ValueError("the context suite needs a run directory (`prism eval RUN --suite contexts`)")
+        return ContextSuite(prism, registry, list(run.manifest["personas"]), out, data_dir, s.suite_max_new_tokens,
+                            s.suite_mtbench, s.seed, s.n_boot, quiet).run()
     systems = Systems(chat, prism, registry, s.persona_map, s.persona_length, s.placement)
     return Evaluator(systems, s, data_dir, out, quiet=quiet).run(fingerprint)
 

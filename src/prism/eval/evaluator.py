@@ -194,7 +194,7 @@ def _routing(raw: dict, summary: dict) -> dict | None:
             continue
         by_cat: dict[str, list[int]] = {}
         for cat, route in zip(r["categories"], r["routes"]):
-            by_cat.setdefault(f"{bench}/{cat}", []).append(int(route["adapter"]))
+            by_cat.setdefault(f"{bench}/{cat}", []).append(int(route["adapter"] is not None))
         shares.update({k: sum(v) / len(v) for k, v in by_cat.items()})
     if not shares:
         return None

@@ -17,17 +17,17 @@ from typing import Sequence
 from prism.bench.data import DEFAULT_PERSONA_MAP, Item
 from prism.bench.scoring import Cell
 from prism.model import ChatModel
-from prism.personas import PersonaRegistry
+from prism.contexts import ContextRegistry
 
 SYSTEMS = ("base", "persona", "ungated", "prism")
 
 
 class Systems:
-    def __init__(self, model: ChatModel, prism=None, registry: PersonaRegistry | None = None,
+    def __init__(self, model: ChatModel, prism=None, registry: ContextRegistry | None = None,
                  persona_map: dict[str, str] | None = None, persona_length: str = "long", placement: str = "system"):
         self.model = model
         self.prism = prism  # a PrismModel sharing `model`, or None (base/persona only)
-        self.registry = registry or PersonaRegistry.builtin()
+        self.registry = registry or ContextRegistry.builtin()
         self.persona_map = {**DEFAULT_PERSONA_MAP, **(persona_map or {})}
         self.persona_length = persona_length
         self.placement = placement
@@ -51,14 +51,14 @@ class Systems:
         return self.registry.get(name).text(self.persona_length) if name else None
 
     def routes(self, system: str, conversations: Sequence[Sequence[dict]]) -> list[dict]:
-        """Adapter on/off per conversation, with the gate score for `prism`."""
+        """The adapter per conversation (None: base), with the gate's probability for `prism`."""
         if system not in self.available:
             raise ValueError(f"system {system!r} needs a run directory (available: {', '.join(self.available)})")
         if system in ("base", "persona"):
-            return [{"adapter": False, "score": None}] * len(conversations)
-        if system == "ungated":
-            return [{"adapter": True, "score": None}] * len(conversations)
-        return [{"adapter": r.adapter, "score": r.score} for r in self.prism.route(conversations)]
+            return [{"adapter": None, "score": None}] * len(conversations)
+        if system == "ungated":  # the paper's SFT baseline: one adapter, always on
+            return [{"adapter": self.prism.only_adapter(), "score": None}] * len(conversations)
+        return [{"adapter": r.adapter, "score": r.probability} for r in self.prism.route(conversations)]
 
     def cells(self, system: str, items: Sequence[Item], routing: Sequence[Sequence[dict]]) -> list[Cell]:
         """The items as this system sees them, routed on the `routing` conversations."""

@@ -19,10 +19,10 @@ def _load_like(model, name: str):
 
 def build_pairwise_judge(cfg, model) -> Judge:
     """The stage-3 judge a `JudgeConfig` names: `model` itself, or `judge.model`."""
-    if cfg.model and cfg.kind != "program":
+    if cfg.model:
         model = _load_like(model, cfg.model)
-    return make_pairwise_judge(cfg.kind, model, margin=cfg.margin, program=cfg.program,
-                               max_new_tokens=cfg.max_new_tokens)
+    kind = "likelihood" if cfg.kind == "program" else cfg.kind  # contexts without a check fall back to it
+    return make_pairwise_judge(kind, model, margin=cfg.margin, max_new_tokens=cfg.max_new_tokens)
 
 
 def build_rating_judge(cfg, model, prompts: dict[str, dict]):

@@ -9,7 +9,7 @@ better). A verdict letter is read from the score after subtracting the judge's p
 - GenerateJudge: the authors' judge: generate a few tokens and parse A / B / TIE.
 - LikelihoodJudge: no prompt; an answer is better when the query makes it more likely: the
   per-token pointwise mutual information log p(y|q) - log p(y) under the chat template.
-- ProgramJudge: a Python function scores each answer (for contexts a program can check).
+Program checks (a function of the answer) are in prism.judging.verifiers.
 
 `check_judge` measures a judge on pairs whose right answer is known (an answer to the query vs
 an answer to a different query) and calibrates the position bias on them.
@@ -17,10 +17,9 @@ an answer to a different query) and calibrates the position bias on them.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 from prism.judging.sanity import SanityCheck, Triple, sanity_result
 from prism.model import ChatModel
@@ -124,22 +123,6 @@ class LikelihoodJudge(Judge):
         return [scores[(q, a)] - scores[(q, b)] for q, a, b in triples]
 
 
-class ProgramJudge(Judge):
-    """Scores each answer with `fn(answer) -> float | bool`; the higher-scoring answer wins."""
-
-    name = "program"
-
-    def __init__(self, fn: Callable[[str], float], margin: float = 0.0, label: str = ""):
-        super().__init__(margin)
-        self.fn = fn
-        self.name = f"program:{label}" if label else "program"
-
-    def prefer_a(self, triples, progress=None):
-        out = [float(self.fn(a)) - float(self.fn(b)) for _, a, b in triples]
-        _tick(progress, len(triples))
-        return out
-
-
 def _tick(progress, n: int) -> None:
     if progress is not None:
         progress.update(n)
@@ -157,33 +140,15 @@ def parse_verdict(text: str) -> Letter:
     return found.pop() if len(found) == 1 else "TIE"  # type: ignore[return-value]
 
 
-def load_program(spec: str) -> Callable[[str], float]:
-    """Import `module:function`."""
-    if ":" not in spec:
-        raise ValueError(f"judge.program must look like 'module:function', got {spec!r}")
-    mod_name, fn_name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import judge program {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"judge program {spec!r} is not callable")
-    return fn
-
-
-def make_pairwise_judge(kind: str, model: ChatModel, margin: float = 0.0, program: str | None = None,
-                        max_new_tokens: int = 5) -> Judge:
+def make_pairwise_judge(kind: str, model: ChatModel, margin: float = 0.0, max_new_tokens: int = 5) -> Judge:
     if kind == "prompted":
         return PromptedJudge(model, margin)
     if kind == "generate":
         return GenerateJudge(model, max_new_tokens)
     if kind == "likelihood":
         return LikelihoodJudge(model, margin)
-    if kind == "program":
-        if not program:
-            raise ValueError("the program judge needs judge.program='module:function'")
-        return ProgramJudge(load_program(program), margin, label=program)
-    raise ValueError(f"unknown judge kind {kind!r}; choose prompted, generate, likelihood or program")
+    raise ValueError(f"unknown model judge kind {kind!r}; choose prompted, generate or likelihood (program checks "
+                     "are prism.judging.verifiers)")
 
 
 def check_judge(judge: Judge, triples: Sequence[Triple], progress=None) -> SanityCheck:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from prism.routed import PrismModel, Route
+from prism.routed import PrismModel
 from prism.serve import protocol as P
 from prism.serve.batcher import Batcher, Job, QueueFull
 from prism.serve.decode import Sampling
@@ -55,7 +55,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
     @app.get("/v1/models")
     async def models(request: Request):
         P.check_api_key(request, opts.api_key)
-        return P.models_list(prism.model.name, created)
+        return P.models_list(prism.model.name, created, prism.adapters)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -68,7 +68,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
     async def _reply(parsed: P.Parsed):
         """Stream the job, or wait for it and answer in the chat or completion format."""
         req, chat = parsed.req, parsed.chat
-        job, prompt_tokens, info = await _start(req, parsed.prompt, parsed.forced, parsed.routing)
+        job, prompt_tokens, info = await _start(parsed)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             return _stream(job, req, rid, prompt_tokens, info, chat=chat)
@@ -76,12 +76,13 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
         body = P.reply_body(chat, rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
         return JSONResponse(body, headers=P.route_headers(info))
 
-    async def _start(req: P.SamplingFields, prompt: str, forced: bool | None, routing: str | None):
+    async def _start(parsed: P.Parsed):
         """Check the size, queue the request and wait until it is routed."""
-        ids = counter.ids(prompt)
+        req = parsed.req
+        ids = counter.ids(parsed.prompt)
         max_tokens = P.resolve_max_tokens(req, len(ids), context, opts.max_tokens_limit, opts.default_max_tokens)
         sampling = Sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
-        job = Job(ids, sampling, forced, routing, asyncio.get_running_loop())
+        job = Job(ids, sampling, parsed.forced, parsed.routing, parsed.context, asyncio.get_running_loop())
         try:
             batcher.submit(job)
         except QueueFull:
@@ -94,8 +95,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
             raise
         if kind == "error":
             raise P.ApiError(500, payload, "server_error")
-        route: Route = payload
-        return job, len(ids), P.route_info(route.adapter, route.score, route.threshold, route.forced)
+        return job, len(ids), P.route_info(payload)
 
     return app
 

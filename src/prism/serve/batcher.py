@@ -35,8 +35,9 @@ class Job:
 
     prompt_ids: list[int]
     sampling: Sampling
-    adapter: bool | None  # None: the gate decides from `routing_prompt`
+    forced: Route | None  # None: the gate decides from `routing_prompt` (and the named `context`)
     routing_prompt: str | None
+    context: str | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -113,16 +114,13 @@ class Batcher:
     def _serve(self, batch: list[Job]) -> None:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        gated = [j for j in batch if j.adapter is None]
-        routes: dict[int, Route] = {}
+        gated = [j for j in batch if j.forced is None]
+        routes: dict[int, Route] = {id(j): j.forced for j in batch if j.forced is not None}
         if gated:  # one cheap layer-0 pass routes the whole batch
-            for job, route in zip(gated, self.prism.route_prompts([j.routing_prompt for j in gated])):
-                routes[id(job)] = route
-        threshold = self.prism.gate.spec.threshold
+            found = self.prism.route_prompts([j.routing_prompt for j in gated], [j.context for j in gated])
+            routes.update({id(j): r for j, r in zip(gated, found)})
         for job in batch:
-            route = routes.get(id(job)) or Route(bool(job.adapter), float("nan"), threshold, forced=True)
-            routes[id(job)] = route
-            job.send("route", route)
+            job.send("route", routes[id(job)])
         self.prism._log([routes[id(j)] for j in batch])
         for _, idx in self.prism.grouped([routes[id(j)].adapter for j in batch]):
             rows = [self._row(batch[i]) for i in idx]

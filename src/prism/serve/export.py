@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from prism.config import EMBEDDED_MODEL
 from prism.errors import RunError
-from prism.io import atomic_directory, atomic_write_json, atomic_write_tensors
+from prism.io import atomic_write_json, atomic_write_tensors
 from prism.run import RunDir
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -33,11 +33,13 @@ def base_model_location(model: str) -> str:
     return model
 
 
-def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
-    run = RunDir(run_dir).require("distill")
-    src = run.adapter_dir
+EXPORTED = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export_one(run: RunDir, name: str, out: Path, force: bool) -> dict:
+    src = run.adapter_path(name)
     if not (src / "adapter_config.json").is_file():
-        raise RunError(f"{run.path}: no finished adapter; run `prism run --out {run.path}` first")
+        raise RunError(f"{run.path}: no finished adapter {name!r}; run `prism run --out {run.path}` first")
     config = json.loads((src / "adapter_config.json").read_text())
     tensors = load_file(str(src / "adapter_model.safetensors"))
     present = sorted({int(m.group(1)) for k in tensors if (m := _LAYER.search(k))})
@@ -50,13 +52,27 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
             tensors[key.replace(f".layers.{template}.", f".layers.{layer}.")] = torch.zeros_like(tensors[key])
     config["layers_to_transform"] = None
     config["layers_pattern"] = None
-    base = base_model_location(run.config().model)
-    config["base_model_name_or_path"] = base
+    config["base_model_name_or_path"] = base_model_location(run.config().model)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise RunError(f"{out} already exists and is not an empty directory; choose another --out or pass --force "
+                       f"(which replaces only {' and '.join(EXPORTED)})")
+    # Each file is replaced whole; nothing else in `out` is touched.
+    atomic_write_tensors(out / EXPORTED[1], tensors, metadata={"format": "pt"})
+    atomic_write_json(out / EXPORTED[0], config)
+    return {"adapter": str(out), "rank": config.get("r"), "zero_layers": missing}
 
-    out = Path(out)
-    with atomic_directory(out) as tmp:  # a reader sees no adapter or a whole one
-        atomic_write_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-        atomic_write_json(tmp / "adapter_config.json", config)
-    return {"adapter": str(out), "base_model": base, "rank": config.get("r"), "zero_layers": missing,
-            "vllm": f"vllm serve {base} --enable-lora --max-lora-rank {config.get('r')} "
-                    f"--lora-modules prism-adapter={out}"}
+
+def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False) -> dict:
+    """Write the run's adapters to `out` (one adapter) or `out/<name>/` (several), and the vLLM
+    command that serves them under the names the router expects."""
+    run = RunDir(run_dir).require("distill")
+    names, out = run.finished_adapters(), Path(out)
+    if out.resolve() == run.path.resolve() or run.path.resolve() in out.resolve().parents:
+        raise RunError(f"--out {out} is inside the run directory {run.path}; export somewhere else")
+    single = len(names) == 1
+    exported = {n: export_one(run, n, out if single else out / n, force) for n in names}
+    base = base_model_location(run.config().model)
+    modules = " ".join(f"{'prism-adapter' if single else 'prism-' + n}={e['adapter']}" for n, e in exported.items())
+    rank = max(e["rank"] or 0 for e in exported.values())
+    return {"adapters": exported, "base_model": base,
+            "vllm": f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {modules}"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,11 +16,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prism.routed import Route
+
 log = logging.getLogger("prism.serve")
 
-# Model ids the server answers to: the gated model and the two forced routes.
+# Model ids the server answers to: the gated model, the base model, and `prism-<adapter>` for each
+# adapter (`prism-adapter` also names a run's only adapter).
 MODEL_GATED, MODEL_BASE, MODEL_ADAPTER = "prism", "prism-base", "prism-adapter"
-FORCED = {MODEL_GATED: None, MODEL_BASE: False, MODEL_ADAPTER: True}
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
 
@@ -153,6 +154,7 @@ class SamplingFields(_Strict):
     n: int = Field(1, ge=1, le=1)  # one choice per request: batching happens across requests
     stream: bool = False
     stream_options: dict | None = None
+    context: str | None = None  # prism: which context of a gate class to use (e.g. one user's memory)
 
     @field_validator("stop")
     @classmethod
@@ -239,17 +241,24 @@ class Parsed:
     req: SamplingFields
     chat: bool
     prompt: str
-    forced: bool | None
+    forced: Route | None  # None: the gate decides
     routing: str | None
+
+    @property
+    def context(self) -> str | None:
+        return self.req.context
 
 
 async def parse_request(request: Request, prism, api_key: str | None, max_bytes: int, chat: bool) -> Parsed:
     """Key, body, fields, model id and prompt of a chat or completion request; each problem is a 4xx.
-    `prism` is the served PrismModel (its chat template and routing prompt)."""
+    `prism` is the served PrismModel (its chat template, routing prompt and adapters)."""
     check_api_key(request, api_key)
     raw = await read_json(request, max_bytes)
     req = parse(ChatRequest if chat else CompletionRequest, raw)
-    forced = check_model(req.model)
+    forced = check_model(req.model, prism.adapters)
+    if req.context is not None and req.context not in prism.adapters:
+        raise ApiError(400, f"context {req.context!r} is not one of this run's adapters ({', '.join(prism.adapters)})",
+                       param="context")
     if not chat:  # a raw prompt, already formatted: what the pipeline's generator backend sends
         return Parsed(raw, req, chat, req.prompt, forced, req.prompt if forced is None else None)
     messages = req.plain_messages()
@@ -261,12 +270,23 @@ async def parse_request(request: Request, prism, api_key: str | None, max_bytes:
     return Parsed(raw, req, chat, prompt, forced, prism.routing_prompt(messages) if forced is None else None)
 
 
-def check_model(name: str) -> bool | None:
-    """The forced route of a model id (None = gated); 404 for an unknown id."""
-    if name not in FORCED:
-        raise ApiError(404, f"model {name!r} does not exist; choose one of {', '.join(FORCED)}",
+def model_ids(adapters: list[str]) -> dict[str, str | None]:
+    """Model id -> the adapter it forces (None: the base model); the gated id is not included."""
+    ids: dict[str, str | None] = {MODEL_BASE: None, **{f"prism-{a}": a for a in adapters}}
+    if len(adapters) == 1:
+        ids.setdefault(MODEL_ADAPTER, adapters[0])
+    return ids
+
+
+def check_model(name: str, adapters: list[str]) -> Route | None:
+    """The forced route of a model id (None = the gate decides); 404 for an unknown id."""
+    if name == MODEL_GATED:
+        return None
+    ids = model_ids(adapters)
+    if name not in ids:
+        raise ApiError(404, f"model {name!r} does not exist; choose one of {', '.join([MODEL_GATED, *ids])}",
                        "not_found_error", param="model", code="model_not_found")
-    return FORCED[name]
+    return Route(ids[name], rule="forced")
 
 
 def resolve_max_tokens(req: SamplingFields, prompt_tokens: int, context: int, limit: int, default: int) -> int:
@@ -287,12 +307,12 @@ def resolve_max_tokens(req: SamplingFields, prompt_tokens: int, context: int, li
 
 
 # ----- responses -------------------------------------------------------------------------------
-def route_info(adapter: bool, score: float | None, threshold: float, forced: bool) -> dict:
-    """The `prism` field of every reply: which route served it and why."""
-    if score is not None and (math.isnan(score) or math.isinf(score)):
-        score = None  # forced routes have no gate score; NaN is not JSON
-    return {"route": "adapter" if adapter else "base", "adapter": adapter, "score": score,
-            "threshold": threshold, "forced": forced}
+def route_info(route: Route) -> dict:
+    """The `prism` field of every reply: which route served it and why (the gate's probability of
+    the chosen class, and the runner-up)."""
+    return {"route": route.name, "adapter": route.adapter is not None, "score": route.probability,
+            "runner_up": route.runner_up, "runner_up_score": route.runner_up_probability, "rule": route.rule,
+            "forced": route.forced}
 
 
 def route_headers(info: dict) -> dict:
@@ -336,11 +356,12 @@ def reply_chunk(chat: bool, rid: str, model: str, created: int, info: dict, delt
     return chunk
 
 
-def models_list(root: str, created: int) -> dict:
-    """The three model ids. The base comes first: a client that takes the first model (like the
-    pipeline's generator backend) gets the plain model; the adapter names its parent, as vLLM does."""
+def models_list(root: str, created: int, adapters: list[str]) -> dict:
+    """The model ids. The base comes first: a client that takes the first model (like the
+    pipeline's generator backend) gets the plain model; adapters name their parent, as vLLM does."""
     def entry(mid, parent=None):
         return {"id": mid, "object": "model", "created": created, "owned_by": "prism", "root": root,
                 "parent": parent}
 
-    return {"object": "list", "data": [entry(MODEL_BASE), entry(MODEL_ADAPTER, MODEL_BASE), entry(MODEL_GATED)]}
+    return {"object": "list", "data": [entry(MODEL_BASE), *[entry(m, MODEL_BASE) for m in model_ids(adapters) if
+                                                            m != MODEL_BASE], entry(MODEL_GATED)]}

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prism.errors import RemoteError
 from prism.model.remote import OpenAIClient, auth_headers, v1_url
+from prism.routed import Route
 from prism.serve import protocol as P
 
 log = logging.getLogger("prism.serve")
@@ -33,7 +34,8 @@ log = logging.getLogger("prism.serve")
 class RouterOptions(P.HttpOptions):
     upstream: str = ""  # base URL of the upstream, with or without /v1
     upstream_base: str = ""  # the upstream's name for the base model
-    upstream_adapter: str = P.MODEL_ADAPTER  # the upstream's name for the LoRA
+    upstream_adapter: str = P.MODEL_ADAPTER  # the upstream's name for the LoRA of a one-adapter run
+    # (a run with several adapters: `prism-<name>` each, as `prism export-adapter` prints)
     upstream_api_key: str | None = None
     timeout: float = 600.0
     max_connections: int = 256  # concurrent upstream requests; vLLM batches them
@@ -92,7 +94,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         P.check_api_key(request, opts.api_key)
-        return P.models_list(opts.upstream_base, created)
+        return P.models_list(opts.upstream_base, created, prism.adapters)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -102,24 +104,27 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
     async def completions(request: Request):
         return await _forward(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=False))
 
-    def _route(forced: bool | None, routing: str | None) -> dict:
-        threshold = prism.gate.spec.threshold
-        if forced is not None:
-            return P.route_info(forced, None, threshold, True)
+    def _route(parsed: P.Parsed) -> Route:
+        if parsed.forced is not None:
+            return parsed.forced
         with gate_lock:
-            route = prism.route_prompts([routing])[0]
-        return P.route_info(route.adapter, route.score, threshold, False)
+            return prism.route_prompts([parsed.routing], [parsed.context])[0]
+
+    def upstream_name(route: Route) -> str:
+        if route.adapter is None:
+            return opts.upstream_base
+        return opts.upstream_adapter if len(prism.adapters) == 1 else f"prism-{route.adapter}"
 
     async def _forward(parsed: P.Parsed):
-        path, raw, req, forced = ("/chat/completions" if parsed.chat else "/completions"), parsed.raw, parsed.req, \
-            parsed.forced
+        path, raw, req = ("/chat/completions" if parsed.chat else "/completions"), parsed.raw, parsed.req
         state["requests"] += 1
         n_prompt = len(counter.ids(parsed.prompt))
         max_tokens = P.resolve_max_tokens(req, n_prompt, context, opts.max_tokens_limit, opts.default_max_tokens)
-        info = await asyncio.to_thread(_route, forced, parsed.routing)
-        body = dict(raw, model=opts.upstream_adapter if info["adapter"] else opts.upstream_base,
-                    max_tokens=max_tokens)
-        body.pop("max_completion_tokens", None)
+        route = await asyncio.to_thread(_route, parsed)
+        info = P.route_info(route)
+        body = dict(raw, model=upstream_name(route), max_tokens=max_tokens)
+        for key in ("max_completion_tokens", "context"):  # ours, or renamed: the upstream does not take them
+            body.pop(key, None)
         client: httpx.AsyncClient = state["client"]
         try:
             upstream = await client.send(client.build_request("POST", path, json=body), stream=True)

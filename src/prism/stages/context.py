@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from prism.config import PrismConfig
 from prism.model import ChatModel
-from prism.personas import Persona
+from prism.contexts import Context
 from prism.run import RunDir
 
 
@@ -16,14 +16,14 @@ from prism.run import RunDir
 class StageContext:
     config: PrismConfig
     model: ChatModel
-    personas: list[Persona]
+    personas: list[Context]
     run: RunDir
     quiet: bool = False
 
-    def persona_text(self, persona: Persona) -> str:
+    def persona_text(self, persona: Context) -> str:
         return persona.text(self.config.persona_length)
 
-    def persona_by_name(self, name: str) -> Persona:
+    def persona_by_name(self, name: str) -> Context:
         found = [p for p in self.personas if p.name == name]
         if not found:
             raise KeyError(f"persona {name!r} is not part of this run")

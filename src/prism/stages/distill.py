@@ -1,4 +1,6 @@
-"""Stage 5: self-distil the persona into one LoRA adapter (see prism.distill for the maths).
+"""Stage 5: self-distil each adapter's contexts into a LoRA (see prism.distill for the maths): one
+adapter for every context (`adapters: shared`, the paper) or one per context (`per_context`).
+Each learns from its contexts' own queries where the context won (label 1).
 
 Runs under `accelerate launch` as well as plainly: the data loader is sharded per process and
 only the main process writes files. A checkpoint after every epoch (adapter, optimizer state
@@ -20,17 +22,27 @@ from prism.distill import (build_example, load_optimizer, lora_config, lr_lambda
 from prism.io import append_jsonl, atomic_directory, atomic_write_json, atomic_write_tensors, read_jsonl, \
     recover_directory
 from prism.model import decoder_layers
-from prism.records import AnswerRecord
+from prism.records import SHARED, AnswerRecord
 from prism.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
 
-def distill_examples(ctx: StageContext):
+def adapters(ctx: StageContext) -> dict[str, list[str]]:
+    """Adapter name -> the contexts it learns."""
+    if ctx.config.adapters == "shared":
+        return {SHARED: [p.name for p in ctx.personas]}
+    return {p.name: [p.name] for p in ctx.personas}
+
+
+def distill_examples(ctx: StageContext, members: list[str] | None = None):
+    """The examples of one adapter: answers of its contexts to their own queries (that won, with
+    `distill.examples: wins`)."""
     cfg = ctx.config.distill
-    labels = {r["query_id"]: r["label"] for r in read_jsonl(ctx.run.verdicts)}
+    labels = {(r["query_id"], r["persona"]): r["label"] for r in read_jsonl(ctx.run.verdicts)}
     answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.answers)]
-    chosen = [a for a in answers if labels.get(a.query_id) == 1]
+    chosen = [a for a in answers if (cfg.examples == "served" or labels.get((a.query_id, a.persona)) == 1)
+              and a.origin == a.persona and (members is None or a.persona in members)]
     examples, too_long = [], []
     for a in chosen:
         try:
@@ -65,18 +77,32 @@ def mean_kl(model, examples, cache, pad_id, k, temperature, batch_size) -> float
 
 def run_distill(ctx: StageContext) -> dict:
     from accelerate import Accelerator
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     cfg = ctx.config.distill
-    out = ctx.run.distill_dir
-    examples = distill_examples(ctx)
-    pad_id = ctx.model.tokenizer.pad_token_id
-    n_layers = len(decoder_layers(ctx.model.model))
-    base = ctx.model.model
     accelerator = Accelerator(
         cpu=ctx.model.device.type == "cpu", gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision="bf16" if cfg.train_dtype == "bfloat16" else "no",
     )
+    facts = {}
+    for name, members in adapters(ctx).items():
+        if (ctx.run.adapter_path(name) / "adapter_config.json").is_file() and name in ctx.run.finished_adapters():
+            continue  # trained by an earlier invocation
+        log.info("stage 5: adapter %r (%s)", name, ", ".join(members))
+        facts[name] = distill_adapter(ctx, accelerator, name, distill_examples(ctx, members))
+        ctx.run.finished_adapters(add=name)
+    if ctx.config.adapters == "shared":
+        return facts.get(SHARED) or ctx.run.manifest["stages"].get("distill", {})
+    return {"adapters": {**ctx.run.manifest["stages"].get("distill", {}).get("adapters", {}), **facts}}
+
+
+def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict:
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    cfg = ctx.config.distill
+    out = ctx.run.distill_path(name)
+    pad_id = ctx.model.tokenizer.pad_token_id
+    n_layers = len(decoder_layers(ctx.model.model))
+    base = ctx.model.model
 
     # 1. The teacher's top-k logits, computed once with the persona in context.
     cache_path = out / "teacher_topk.safetensors"
@@ -96,7 +122,7 @@ def run_distill(ctx: StageContext) -> dict:
         facts = _train(ctx, accelerator, peft_model, examples, cache, pad_id, out,
                        get_peft_model_state_dict, set_peft_model_state_dict)
         if accelerator.is_main_process:
-            with atomic_directory(ctx.run.adapter_dir) as tmp:
+            with atomic_directory(ctx.run.adapter_path(name)) as tmp:
                 accelerator.unwrap_model(peft_model).save_pretrained(tmp)
     finally:
         # Take the LoRA layers out again: the base model object is shared with the caller.

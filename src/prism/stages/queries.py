@@ -1,8 +1,13 @@
-"""Stage 1: for each persona, the model writes N realistic user queries that persona answers well.
+"""Stage 1: for each context, the model writes N realistic user queries that context serves; with
+`queries.n_general`, also queries on general topics that no context serves (the gate's negatives).
 
-Candidates are sampled in batches, cleaned (first real line, no numbering or quotes), filtered
-(too short), deduplicated on normalised text across all personas, and topped up until each
-persona has N or the round budget is spent.
+The prompt depends on the kind: a persona is asked for questions its expert answers well (the
+paper's prompt); any other context for a question about each of its fact keys in turn (its
+`queries` hint, e.g. "a question that I might ask you about my {key}"), with the start of the
+question written into the reply (an opener such as "What is my"): measured on the embedded model,
+that keeps 50-70% of the questions on the named key, against 10-25% without. Candidates are sampled in batches,
+cleaned (first real line, no numbering or quotes), filtered (too short), deduplicated on
+normalised text across all sources, and topped up until each has N or the round budget is spent.
 """
 
 from __future__ import annotations
@@ -11,15 +16,27 @@ import logging
 import re
 from collections import defaultdict
 
+from prism.contexts import Context
 from prism.io import append_jsonl, read_jsonl
-from prism.personas import Persona
-from prism.records import QueryRecord
+from prism.records import GENERAL, QueryRecord
 from prism.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
 # Measured on the embedded model: short, concrete instructions work best at 135M parameters.
 QUERY_INSTRUCTION = "Write one specific question that a user might ask {description}. Only write the question."
+CONTEXT_INSTRUCTION = "Write {queries}. Only write the question."
+GENERAL_INSTRUCTION = "Write one specific question that a user might ask an AI assistant about {topic}. Only write the question."
+QUESTION = "Question: "  # the reply starts with this and an opener; the model writes the rest
+OPENERS = ("What", "Can you tell me", "Do you know", "Tell me", "Which", "How", "What's", "When", "Where", "Who")
+MEMORY_OPENERS = ("What is my", "Can you remind me", "Do you remember my", "What's my", "Tell me my", "Who is my",
+                  "Where", "When is my", "Which")
+GENERAL_TOPICS = (
+    "history", "cooking", "space", "sports", "music", "health", "travel", "money", "gardening", "programming",
+    "physics", "animals", "films", "language learning", "geography", "chemistry", "art", "fitness", "cars",
+    "philosophy", "weather", "mathematics", "photography", "books", "the ocean", "computers", "jobs", "politics",
+    "fashion", "games", "biology", "architecture", "energy", "law", "psychology", "farming", "trains", "birds",
+)
 _NUMBERING = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d{1,3}[.):\]]|#+|q\d*[.:)]|question\s*\d*\s*[:.)-])\s*", re.I)
 _PREAMBLE = re.compile(r"^(sure|certainly|of course|here(?:'s| is| are)|okay|ok)\b", re.I)
 _QUOTES = "\"'\u201c\u201d\u2018\u2019`"
@@ -73,11 +90,35 @@ def accept(candidates: list[str], seen: set[str], min_chars: int, need: int) -> 
     return kept
 
 
-def query_prompt(ctx: StageContext, persona: Persona) -> str:
-    description = persona.description.rstrip(".") or f"an expert in {persona.name}"
-    instruction = QUERY_INSTRUCTION.format(description=description[0].lower() + description[1:])
-    persona_text = ctx.persona_text(persona) if ctx.config.queries.persona_in_context else None
-    return ctx.model.user_prompt(instruction, persona_text, ctx.config.placement)
+def query_prompts(ctx: StageContext, source: Context | None, k: int, offset: int) -> list[tuple[str, str]]:
+    """k (prompt, opener) pairs asking for queries of `source` (None: general queries); the reply
+    continues the opener. `offset` cycles the fact keys, topics and openers across rounds."""
+    if source is not None and source.kind == "persona":
+        description = source.description.rstrip(".") or f"an expert in {source.name}"
+        instruction = QUERY_INSTRUCTION.format(description=description[0].lower() + description[1:])
+        text = ctx.persona_text(source) if ctx.config.queries.persona_in_context else None
+        return [(ctx.model.user_prompt(instruction, text, ctx.config.placement), "")] * k
+    out = []
+    for j in range(offset, offset + k):
+        if source is None:
+            instruction, openers = GENERAL_INSTRUCTION.format(topic=GENERAL_TOPICS[j % len(GENERAL_TOPICS)]), OPENERS
+            prompt = ctx.model.user_prompt(instruction)
+        else:
+            key = source.facts[j % len(source.facts)].key if source.facts else ""
+            instruction = CONTEXT_INSTRUCTION.format(queries=source.queries.replace("{key}", key))
+            openers = MEMORY_OPENERS if source.kind == "memory" else OPENERS
+            text = ctx.persona_text(source) if ctx.config.queries.persona_in_context else None
+            prompt = ctx.model.user_prompt(instruction, text, ctx.config.placement)
+        opener = openers[(j // max(1, len(source.facts) if source else 1)) % len(openers)]
+        out.append((prompt + QUESTION + opener, opener))
+    return out
+
+
+def join(opener: str, continuation: str) -> str:
+    """The opener and the model's continuation of it (which generation returns stripped)."""
+    if not opener:
+        return continuation
+    return opener + ("" if continuation[:1] in (",", ".", "?", "'", "!") else " ") + continuation
 
 
 def run_queries(ctx: StageContext) -> dict:
@@ -89,34 +130,38 @@ def run_queries(ctx: StageContext) -> dict:
     for r in rows:
         have[r.persona] += 1
         seen.add(normalise(r.text))
-    target = cfg.n_per_persona
-    total_need = sum(max(0, target - have[p.name]) for p in ctx.personas)
+    sources: list[tuple[str, Context | None, int]] = [(p.name, p, cfg.n_per_persona) for p in ctx.personas]
+    if cfg.n_general:
+        sources.append((GENERAL, None, cfg.n_general))
+    total_need = sum(max(0, n - have[name]) for name, _, n in sources)
     bar = ctx.progress(total=total_need, desc="stage 1/5 queries")
     for round_no in range(cfg.max_rounds):
-        needy = [p for p in ctx.personas if have[p.name] < target]
+        needy = [(name, src, n) for name, src, n in sources if have[name] < n]
         if not needy:
             break
-        prompts, owners = [], []
-        for p in needy:
+        prompts, owners, openers = [], [], []
+        for name, src, n in needy:
             # Oversample: some candidates are dropped by cleaning and dedup.
-            k = target - have[p.name] + 1 + round_no
-            prompts += [query_prompt(ctx, p)] * k
-            owners += [p.name] * k
+            k = n - have[name] + 1 + round_no
+            pairs = query_prompts(ctx, src, k, have[name] + round_no * 7)
+            prompts += [p for p, _ in pairs]
+            openers += [o for _, o in pairs]
+            owners += [name] * k
         seed = ctx.config.seed * 100_003 + (len(rows) * 101 + round_no) * 10_000  # disjoint per round
         gens = ctx.model.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed)
         new_rows = []
-        for p in needy:
-            mine = [g for g, o in zip(gens, owners) if o == p.name]
-            for i, text in accept([g.text for g in mine], seen, cfg.min_chars, target - have[p.name]):
-                have[p.name] += 1
-                new_rows.append(QueryRecord(id=f"{p.name}-{have[p.name]:04d}", persona=p.name,
-                                            text=text, n_tokens=mine[i].n_tokens))
+        for name, _, n in needy:
+            mine = [(join(op, g.text), g) for g, o, op in zip(gens, owners, openers) if o == name]
+            for i, text in accept([t for t, _ in mine], seen, cfg.min_chars, n - have[name]):
+                have[name] += 1
+                prefix = "general" if name == GENERAL else name
+                new_rows.append(QueryRecord(id=f"{prefix}-{have[name]:04d}", persona=name, text=text,
+                                            n_tokens=mine[i][1].n_tokens))
         append_jsonl(path, (r.to_dict() for r in new_rows))
         rows += new_rows
         bar.update(len(new_rows))
     bar.close()
-    short = {p.name: have[p.name] for p in ctx.personas if have[p.name] < target}
+    short = {name: have[name] for name, _, n in sources if have[name] < n}
     if short:
-        log.warning("stage 1: after %d rounds these personas have fewer than %d queries: %s",
-                    cfg.max_rounds, target, short)
-    return {"count": len(rows), "per_persona": {p.name: have[p.name] for p in ctx.personas}, "short": short}
+        log.warning("stage 1: after %d rounds these sources have fewer queries than asked: %s", cfg.max_rounds, short)
+    return {"count": len(rows), "per_persona": {name: have[name] for name, _, _ in sources}, "short": short}

@@ -38,14 +38,14 @@ def run_study(out: str | Path, models: list[Any] | None = None, preset: str | No
     from prism.bench.data import default_dir
     from prism.io import atomic_write_json
     from prism.model import ChatModel, load_model
-    from prism.personas import PersonaRegistry
+    from prism.contexts import ContextRegistry
     from prism.study.analysis import analyse
     from prism.study.scores import GridScorer
 
     cfg = cfg or load_study_config(preset, config_file, overrides)
     data_dir = str(cfg.data or default_dir())
     out = Path(out)
-    registry = PersonaRegistry.load(cfg.persona_dir)
+    registry = ContextRegistry.load(cfg.persona_dir)
     for name in [*(cfg.personas or []), *cfg.persona_map.values()]:
         registry.get(name)  # an unknown persona fails before a model is loaded
     models = models or list(cfg.models)

@@ -203,12 +203,12 @@ def findings_markdown(tests: list[dict], analyses: list[dict], cfg) -> str:
     lines += ["", "## Does the matched expert help, and is it the expertise?", ""]
     lines += [f"- {sentence(t)}" for t in tests if t["family"] in HEADLINE_FAMILIES]
     lines += _family_summary([t for t in tests if t["family"] == "length/placement"],
-                             "Persona length and placement (matched expert vs no persona)")
+                             "Context length and placement (matched expert vs no persona)")
     lines += _family_summary([t for t in tests if t["family"] == "contrast"],
                              "Length and placement contrasts (matched expert against itself)")
     lines += _family_summary([t for t in tests if t["family"].endswith("(category)")],
                              "Per task category (matched expert vs no persona and vs a random persona)")
-    lines += _family_summary([t for t in tests if t["family"] == "persona x task"], "Persona x task heatmap")
+    lines += _family_summary([t for t in tests if t["family"] == "persona x task"], "Context x task heatmap")
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +234,7 @@ figcaption{font-size:.85em;color:#555}.warn{background:#fff3cd;border:1px solid 
 
 def html_report(analyses: list[dict], summary: dict, figures: dict[str, dict[str, Path]], findings: str,
                 cfg, settings: dict[str, Any]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Persona-effect study</title>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Context-effect study</title>"
              f"<style>{CSS}</style></head><body>",
              "<h1>When do personas help or hurt?</h1>",
              f"<p class='note'>Scores are {html.escape(POINTS)}. Each effect is a paired difference over the same "
@@ -264,7 +264,7 @@ def html_report(analyses: list[dict], summary: dict, figures: dict[str, dict[str
     if len(summary) > 1 and "models" in figures.get("_all", {}):
         parts += ["<h2>Models compared</h2>", _img(figures["_all"]["models"], "Matched expert vs no persona by model")]
     benches = sorted({b for m in summary.values() for b in m}, key=list(BENCH_NAMES).index)
-    parts += ["<h2>Persona effect by model and benchmark</h2>",
+    parts += ["<h2>Context effect by model and benchmark</h2>",
               _table(["model"] + [BENCH_NAMES[b] for b in benches],
                      [[m] + [_fmt(summary[m].get(b)) for b in benches] for m in summary])]
     for a in analyses:
@@ -273,7 +273,7 @@ def html_report(analyses: list[dict], summary: dict, figures: dict[str, dict[str
         parts.append(f"<h2>{html.escape(a['model'])}</h2>")
         parts.append(_img(figs["heatmap"], "Figure A. Every persona on every task: change vs no persona"))
         parts.append(_img(figs["expert"], "Figure B. Matched expert vs no persona and vs a random persona"))
-        parts.append(_img(figs["length_placement"], "Figure C. Persona length and placement"))
+        parts.append(_img(figs["length_placement"], "Figure C. Context length and placement"))
         conds = list(a["absolute"])
         parts.append(f"<h3>Scores ({ref['length']} persona, {ref['placement']} turn)</h3>")
         parts.append(_table(["task", "matched persona"] + conds + ["expert - none", "expert - random"],

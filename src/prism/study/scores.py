@@ -15,14 +15,14 @@ from prism.config import StudyConfig
 from prism.io import atomic_write_json
 from prism.judging import build_rating_judge
 from prism.model import ChatModel
-from prism.personas import PersonaRegistry
+from prism.contexts import ContextRegistry
 from prism.study.grid import expand_grid, persona_for
 
 log = logging.getLogger(__name__)
 
 
 class GridScorer:
-    def __init__(self, model: ChatModel, cfg: StudyConfig, registry: PersonaRegistry, out: str | Path,
+    def __init__(self, model: ChatModel, cfg: StudyConfig, registry: ContextRegistry, out: str | Path,
                  data_dir: str | Path, quiet: bool = False):
         self.model = model
         self.cfg = cfg

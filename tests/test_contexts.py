@@ -1,6 +1,6 @@
 import pytest
 
-from prism.personas import LENGTHS, PersonaError, PersonaRegistry
+from prism.contexts import LENGTHS, PersonaError, ContextRegistry
 
 TASK = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
 BEHAVIOUR = ["critic", "safety_monitor", "helpful", "compliant"]
@@ -8,12 +8,12 @@ WORDS = {"long": (150, 175), "short": (55, 60), "minimal": (4, 5)}
 
 
 def test_builtin_library_has_the_papers_twelve_personas_at_three_lengths():
-    reg = PersonaRegistry.builtin()
+    reg = ContextRegistry.builtin()
     assert sorted(reg.names()) == sorted(TASK + BEHAVIOUR)
     for name in TASK:
-        assert reg.get(name).kind == "task" and reg.get(name).category == name
+        assert reg.get(name).kind == "persona" and reg.get(name).category == name
     for name in BEHAVIOUR:
-        assert reg.get(name).kind == "behaviour"
+        assert reg.get(name).kind == "persona" and reg.get(name).category is None
     for p in reg.personas.values():
         for length in LENGTHS:
             lo, hi = WORDS[length]
@@ -25,12 +25,12 @@ def test_user_personas_from_directory_and_file(tmp_path):
     d.mkdir()
     (d / "french.yaml").write_text("name: french\ntext: Always answer in French.\n")
     (d / "pair.yml").write_text("- name: pirate\n  short: Talk like a pirate.\n- name: math\n  minimal: You do maths.\n")
-    reg = PersonaRegistry.load(d)
+    reg = ContextRegistry.load(d)
     assert reg.get("french").text("long") == "Always answer in French."  # one text serves every length
     assert reg.get("math").text("minimal") == "You do maths."  # user files override the library
     with pytest.raises(PersonaError, match="no 'long' text"):
         reg.get("pirate").text("long")
-    single = PersonaRegistry.load(d / "french.yaml")
+    single = ContextRegistry.load(d / "french.yaml")
     assert "french" in single.names() and len(single.names()) == 13
 
 
@@ -49,16 +49,16 @@ def test_malformed_persona_files_are_rejected_naming_file_and_problem(tmp_path, 
     f = tmp_path / "broken.yaml"
     f.write_text(content)
     with pytest.raises(PersonaError, match=match) as info:
-        PersonaRegistry.load(f)
+        ContextRegistry.load(f)
     assert "broken.yaml" in str(info.value)
 
 
 def test_missing_paths_and_unknown_names(tmp_path):
     with pytest.raises(PersonaError, match="does not exist"):
-        PersonaRegistry.load(tmp_path / "nope")
+        ContextRegistry.load(tmp_path / "nope")
     with pytest.raises(PersonaError, match="holds no .yaml"):
-        PersonaRegistry.load(tmp_path)
-    reg = PersonaRegistry.builtin()
+        ContextRegistry.load(tmp_path)
+    reg = ContextRegistry.builtin()
     with pytest.raises(PersonaError, match="unknown persona 'wizard'"):
         reg.select(["math", "wizard"])
     with pytest.raises(PersonaError, match="unknown persona length"):
