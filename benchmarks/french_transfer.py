@@ -1,14 +1,16 @@
 """Does self-distillation transfer a context's behaviour into the adapter? Measured by a program.
 
 The context "Always answer in French" is followed by the embedded model about half the time
-when prompted. We run the whole PRISM pipeline with it (the program judge `is_french` labels the
-pairs), then on held-out questions (MT-Bench first turns, never seen in training) count how often
-each system answers in French:
+when prompted. We run the whole PRISM pipeline with it (its program check `is_french` labels the
+pairs; general queries are answered with the context too, so the gate's decision rule sees that
+the context helps everywhere), then on held-out questions (MT-Bench first turns, never seen in
+training) count how often each system answers in French:
 
   base            the model, no context
   base+context    the model prompted with the context (the teacher)
   adapter         base + distilled LoRA, no context (ungated: adapter always on)
-  prism           gated: the gate decides per question
+  prism           gated: the gate decides per question (a context that helps everywhere should get
+                  the constant rule "always on": never worse than route-all or route-none)
 
     python benchmarks/french_transfer.py --out runs/french [--n 48] [--heldout 40]
 
@@ -22,6 +24,7 @@ import json
 import time
 from pathlib import Path
 
+from prism.bench.stats import paired_diff_ci
 from prism.config import load_config
 from prism.io import atomic_write_json
 from prism.model import load_model
@@ -61,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = load_config("quick", overrides={
         "persona_dir": str(CONTEXT), "personas": ["french"], "queries.n_per_persona": args.n,
-        "answers.max_new_tokens": 64, "judge.kind": "program", "judge.program": "prism.judging.verifiers:is_french",
+        "queries.n_general": args.n // 2, "answers.cross": True, "answers.max_new_tokens": 64,
         "distill.epochs": args.epochs, "distill.lr": args.lr, "queries.persona_in_context": False,
     })
     base = load_model(batch_size=cfg.batch_size)
@@ -86,12 +89,17 @@ def main() -> None:
         k = sum(is_french(t) for t in texts)
         rates[name] = {"french": k, "n": n, "rate": round(k / n, 3), "ci95": wilson(k, n)}
     prompted = rates["base+context"]["rate"]
+    french = {name: [float(is_french(t)) for t in texts] for name, texts in outputs.items()}
+    # Never worse than the better constant rule: paired differences on the same questions.
+    vs = {other: paired_diff_ci(french["prism"], french[other], 2000, 0) for other in ("adapter", "base")}
     result = {
         "rates": rates,
+        "prism_minus": {k: {x: (round(v[x], 4) if isinstance(v[x], float) else v[x]) for x in v} for k, v in vs.items()},
         "adapter_over_prompted": round(rates["adapter"]["rate"] / prompted, 3) if prompted else None,
-        "prism_routed_on": sum(r.route.adapter for r in prism_replies),
+        "prism_routed_on": sum(r.route.adapter is not None for r in prism_replies),
         "distill": run.manifest["stages"]["distill"],
         "gate": run.manifest["stages"]["gate"]["metrics"],
+        "gate_rule": run.manifest["stages"]["gate"].get("rule"), "gate_constant": run.manifest["stages"]["gate"].get("constant"),
         "labels": {k: run.manifest["stages"]["verdicts"][k] for k in ("distill", "retain")},
         "seconds": {"pipeline": round(pipeline_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "samples": {name: texts[:3] for name, texts in outputs.items()},
@@ -104,6 +112,9 @@ def main() -> None:
     print(f"adapter / prompted = {result['adapter_over_prompted']}; prism routed {result['prism_routed_on']}/{n} "
           f"to the adapter; distill set {result['labels']}; KL {run.manifest['stages']['distill'].get('kl_initial')}"
           f" -> {run.manifest['stages']['distill'].get('kl_final')}; wall {result['seconds']}")
+    print(f"gate rule: {result['gate_rule']} {result['gate_constant'] or ''}; prism - adapter (route-all): "
+          f"{vs['adapter']['diff']:+.3f} [{vs['adapter']['lo']:+.3f}, {vs['adapter']['hi']:+.3f}]; prism - base "
+          f"(route-none): {vs['base']['diff']:+.3f} [{vs['base']['lo']:+.3f}, {vs['base']['hi']:+.3f}]")
 
 
 if __name__ == "__main__":

@@ -76,15 +76,14 @@ def test_initial_kl_is_positive_with_the_persona_and_training_lowers_it(embedded
     model, pad = embedded.model, embedded.tokenizer.pad_token_id
     examples = _examples(embedded, persona)
     cache = teacher_topk(model, examples, 64, 4, pad)
-    ids, attn, vals, idx, mask, lse = student_batch(examples, cache, pad, 64)
+    batch = student_batch(examples, cache, pad, 64)
     with torch.no_grad():
-        kl0 = topk_kl(model(input_ids=ids, attention_mask=attn).logits, vals, idx, mask, 2.0, lse).item()
+        kl0 = batch.kl(batch.logits(model), 2.0).item()
     # The authors' pitfall: a teacher without the persona equals the student, KL ~ 0.
     same = _examples(embedded, persona=None)
-    same_cache = teacher_topk(model, same, 64, 4, pad)
-    ids2, attn2, vals2, idx2, mask2, lse2 = student_batch(same, same_cache, pad, 64)
+    same_batch = student_batch(same, teacher_topk(model, same, 64, 4, pad), pad, 64)
     with torch.no_grad():
-        kl_same = topk_kl(model(input_ids=ids2, attention_mask=attn2).logits, vals2, idx2, mask2, 2.0, lse2).item()
+        kl_same = same_batch.kl(same_batch.logits(model), 2.0).item()
     assert kl0 > 0.05 and kl0 > 20 * max(kl_same, 1e-6), (kl0, kl_same)
 
     n_layers = len(decoder_layers(model))
@@ -93,13 +92,13 @@ def test_initial_kl_is_positive_with_the_persona_and_training_lowers_it(embedded
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
         peft_model.train()
         for _ in range(12):
-            loss = topk_kl(peft_model(input_ids=ids, attention_mask=attn).logits, vals, idx, mask, 2.0, lse)
+            loss = batch.kl(batch.logits(peft_model), 2.0)
             loss.backward()
             opt.step()
             opt.zero_grad()
         peft_model.eval()
         with torch.no_grad():
-            kl1 = topk_kl(peft_model(input_ids=ids, attention_mask=attn).logits, vals, idx, mask, 2.0, lse).item()
+            kl1 = batch.kl(batch.logits(peft_model), 2.0).item()
         assert kl1 < 0.5 * kl0, (kl0, kl1)
     finally:
         peft_model.unload()

@@ -66,7 +66,7 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     # model loading
     "--dtype": ("weights dtype (bfloat16 is faster on CPUs with bf16 units)", "dtype", {"choices": DTYPES}),
     "--infer-dtype": ("cast the weights to this dtype for stages 1-3 and the teacher logits; training keeps "
-                      "--dtype", "infer_dtype", {"choices": ["model", "float32", "bfloat16", "float16"]}),
+                      "--dtype", "infer_dtype", {"choices": ["model", "auto", "float32", "bfloat16", "float16"]}),
     "--device": ("where the model runs", "device", {"choices": ["auto", "cpu", "cuda", "mps"]}),
     "--batch-size": ("prompts per forward pass", "batch_size", {"type": int}),
     "--trust-remote-code": ("allow model repositories to run their own code (off by default)", "trust_remote_code",
@@ -144,9 +144,16 @@ def _setup_logging(quiet: bool) -> None:
 
 # ----- subcommands ---------------------------------------------------------------------------
 def _run_config(args):
-    from prism.config import load_config
+    """The settings a run command means: preset -> file -> flags; but resuming a run without naming a
+    preset or file continues with the run's own settings (a preset may have changed since)."""
+    from prism.config import PrismConfig, deep_merge, load_config, undot
+    from prism.run import RunDir
 
-    return load_config(args.preset, args.config, _overrides(args, RUN_SETTINGS))
+    overrides = _overrides(args, RUN_SETTINGS)
+    out = getattr(args, "out", None)
+    if out and args.preset is None and args.config is None and RunDir(out).exists:
+        return PrismConfig(**deep_merge(RunDir(out).config().to_dict(), undot(overrides)))
+    return load_config(args.preset, args.config, overrides)
 
 
 def cmd_run(args) -> int:

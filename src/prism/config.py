@@ -51,8 +51,8 @@ class AnswerConfig(Section):
     temperature: float = Field(0.7, ge=0)  # 0 means greedy
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(96, ge=1)
-    # Also answer every query under every other context (adapters: per_context), so the gate's
-    # decision rule sees what a context does where it does not belong.
+    # Also answer every query under every other context of scope `all` (a persona, "answer in
+    # French"), so the gate's decision rule sees what it does beyond its own queries.
     cross: bool = False
     # Answers sampled per (query, own context); with a program check the best-checked one is kept
     # (best-of-n against a verifier: more of the context's facts reach the distill set).
@@ -144,7 +144,8 @@ class PrismConfig(Section):
     # Stages 1-3 and the teacher logits of stage 5 may run with the weights cast to another dtype
     # ("model": as loaded). bfloat16 generates 1.8x faster than float32 on a CPU with AVX512-BF16
     # (benchmarks/bootstrap_speed.py); training keeps the loaded weights.
-    infer_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"
+    # "auto": bfloat16 where the hardware has bf16 units (AVX512-BF16/AMX CPUs, recent GPUs), else "model".
+    infer_dtype: Literal["model", "auto", "float32", "bfloat16", "float16"] = "model"
     # Prompts sharing a long token prefix (a persona system prompt; one query prompt sampled k
     # times) prefill it once per batch and reuse its KV cache. Same maths: a speed setting.
     prefix_cache: bool = True
@@ -168,6 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded 135M model on a 2-core CPU: the whole pipeline in about 15 minutes.
     "quick": {
         "persona_length": "long",
+        "infer_dtype": "auto",  # bf16 generation where the CPU has bf16 units: 1.7x (benchmarks/bootstrap_speed.py)
         "queries": {"n_per_persona": 8},
         "answers": {"max_new_tokens": 96},
         "judge": {"kind": "likelihood", "sanity_pairs": 24},
@@ -193,12 +195,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # general queries. Checks are programs (the answer states the fact), so no model judge runs.
     "contexts": {
         "persona_dir": "suite:contexts", "personas": ["memory_maya", "zorblax", "vellmoor"],
-        "adapters": "per_context",
+        "adapters": "per_context", "infer_dtype": "auto",
         "queries": {"n_per_persona": 32, "n_general": 48, "persona_in_context": False},
         "answers": {"cross": True, "max_new_tokens": 48},
         "gate": {"labels": "source", "hidden": [], "lr": 3e-2, "max_epochs": 300, "patience": 30},
         "distill": {"epochs": 8, "lr": 1e-3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384,
                     "train_dtype": "bfloat16"},
+    },
+    # Tests: the context suite's memory and product sheet, a handful of queries each.
+    "micro-contexts": {
+        "persona_dir": "suite:contexts", "personas": ["memory_maya", "zorblax"], "adapters": "per_context",
+        "queries": {"n_per_persona": 6, "n_general": 6, "persona_in_context": False, "max_new_tokens": 24},
+        "answers": {"cross": True, "max_new_tokens": 16, "samples": 2},
+        "gate": {"labels": "source", "hidden": [], "lr": 3e-2, "max_epochs": 100, "min_examples": 4, "folds": 3},
+        "distill": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "max_seq_len": 256},
     },
     # Tiny settings for tests: minutes on the embedded model.
     "micro": {
@@ -268,7 +278,7 @@ def load_settings(
     if preset not in presets:
         raise ConfigError(f"unknown {what} preset {preset!r}; choose one of {', '.join(presets)}")
     merged = deep_merge(presets[preset], file_data)
-    merged = deep_merge(merged, _undot(overrides or {}))
+    merged = deep_merge(merged, undot(overrides or {}))
     try:
         return cls(**merged)
     except ValidationError as e:
@@ -288,7 +298,8 @@ def load_config(
     return load_settings(PrismConfig, PRESETS, preset, config_file, overrides, DEFAULT_PRESET)
 
 
-def _undot(flat: dict[str, Any]) -> dict[str, Any]:
+def undot(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}; None values are dropped (an unset flag)."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         if value is None:
@@ -350,6 +361,7 @@ class EvalConfig(ScoringConfig):
     suite: Literal["paper", "contexts"] = "paper"
     suite_max_new_tokens: int = Field(48, ge=1)
     suite_mtbench: int = Field(40, ge=0)  # MT-Bench first turns among the suite's general questions
+    suite_limit: int | None = Field(None, ge=1)  # at most this many questions per context and of the factual ones
 
 
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -360,7 +372,8 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"limits": {}, "mt_max_new_tokens": 512, "safety_max_new_tokens": 256, "sanity_pairs": 40},
     # Tests: a handful of items of every benchmark, a few tokens each.
     "micro": {"limits": {"mtbench": 2, "mmlu": 8, "harmbench": 2, "jailbreak": 1, "pku": 2, "xstest": 4},
-              "mt_max_new_tokens": 8, "safety_max_new_tokens": 8, "sanity_pairs": 2, "n_boot": 200},
+              "mt_max_new_tokens": 8, "safety_max_new_tokens": 8, "sanity_pairs": 2, "n_boot": 200,
+              "suite_max_new_tokens": 12, "suite_mtbench": 3, "suite_limit": 6},
 }
 
 

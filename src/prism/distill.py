@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from prism.io import atomic_write_json, atomic_write_tensors
-from prism.model.batching import pad
+from prism.model.batching import chunked_logits, hidden_states, pad
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,6 @@ class DistillExample:
     student_ids: list[int]  # plain prompt + response
     n_response: int
 
-    @property
-    def student_start(self) -> int:
-        return len(self.student_ids) - self.n_response - 1
-
 
 def build_example(model, key: str, query: str, response: str, persona: str, placement: str,
                   max_seq_len: int) -> DistillExample:
@@ -104,42 +100,78 @@ def teacher_topk(model, examples: Sequence[DistillExample], k: int, batch_size: 
     temperature T: {key.values, key.indices, key.lse}.
 
     Batches hold examples of similar length; rows are left-padded so every response ends at the
-    last position, and the vocabulary projection runs only for the response positions."""
+    last position, and the vocabulary projection runs only for the response positions, a chunk
+    at a time."""
     out: dict[str, torch.Tensor] = {}
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
     dev = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         part = [examples[i] for i in order[start : start + batch_size]]
         ids, mask, positions = pad([e.teacher_ids for e in part], pad_id)
-        keep = max(e.n_response for e in part) + 1  # the last position predicts nothing we need
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                       logits_to_keep=keep).logits
-        for row, e in enumerate(part):
-            span = logits[row, keep - 1 - e.n_response : keep - 1].float()
-            vals, idx = span.topk(k, dim=-1)
-            out[f"{e.key}.values"] = vals.cpu().contiguous()
-            out[f"{e.key}.indices"] = idx.to(torch.int32).cpu().contiguous()
-            out[f"{e.key}.lse"] = torch.logsumexp(span / temperature, dim=-1).cpu().contiguous()
+        hidden = hidden_states(model, ids.to(dev), mask.to(dev), positions.to(dev))
+        width = ids.shape[1]
+        spans = torch.cat([hidden[row, width - 1 - e.n_response : width - 1] for row, e in enumerate(part)])
+        vals, idx, lse = [], [], []
+        for _, logits in chunked_logits(model, spans):
+            v, i = logits.topk(k, dim=-1)
+            vals.append(v)
+            idx.append(i)
+            lse.append(torch.logsumexp(logits / temperature, dim=-1))
+        vals_t, idx_t, lse_t = torch.cat(vals).cpu(), torch.cat(idx).cpu(), torch.cat(lse).cpu()
+        at = 0
+        for e in part:
+            out[f"{e.key}.values"] = vals_t[at : at + e.n_response].contiguous()
+            out[f"{e.key}.indices"] = idx_t[at : at + e.n_response].to(torch.int32).contiguous()
+            out[f"{e.key}.lse"] = lse_t[at : at + e.n_response].contiguous()
+            at += e.n_response
         if progress is not None:
             progress.update(len(part))
     return out
 
 
-def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Tensor], pad_id: int, k: int):
-    """Padded student inputs with the teacher targets aligned to the student's positions."""
-    ids, attn, _ = pad([e.student_ids for e in examples], pad_id, side="right")
-    b, width = ids.shape
-    values = torch.zeros((b, width, k), dtype=torch.float32)
-    indices = torch.zeros((b, width, k), dtype=torch.long)
-    lse = torch.zeros((b, width), dtype=torch.float32)
-    mask = torch.zeros((b, width), dtype=torch.long)
+@dataclass
+class StudentBatch:
+    """Left-padded student inputs, and the teacher's targets for the last `keep` positions (where
+    every row's response is predicted; the model projects only those to the vocabulary)."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    positions: torch.Tensor
+    keep: int
+    values: torch.Tensor  # (B, keep, K)
+    indices: torch.Tensor
+    mask: torch.Tensor  # (B, keep): 1 where a position predicts a response token
+    lse: torch.Tensor
+
+    def logits(self, model) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        return model(input_ids=self.ids.to(dev), attention_mask=self.attn.to(dev),
+                     position_ids=self.positions.to(dev), logits_to_keep=self.keep).logits
+
+    def kl(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        dev = logits.device
+        return topk_kl(logits, self.values.to(dev), self.indices.to(dev), self.mask.to(dev), temperature,
+                       self.lse.to(dev))
+
+
+def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Tensor], pad_id: int,
+                  k: int) -> StudentBatch:
+    """The student's inputs with the teacher targets aligned to the positions that predict each
+    response token (the last position predicts beyond the response and is kept but masked)."""
+    ids, attn, pos = pad([e.student_ids for e in examples], pad_id)
+    keep = max(e.n_response for e in examples) + 1
+    b = len(examples)
+    values = torch.zeros((b, keep, k), dtype=torch.float32)
+    indices = torch.zeros((b, keep, k), dtype=torch.long)
+    lse = torch.zeros((b, keep), dtype=torch.float32)
+    mask = torch.zeros((b, keep), dtype=torch.long)
     for i, e in enumerate(examples):
-        s = e.student_start
-        values[i, s : s + e.n_response] = cache[f"{e.key}.values"].float()
-        indices[i, s : s + e.n_response] = cache[f"{e.key}.indices"].long()
-        lse[i, s : s + e.n_response] = cache[f"{e.key}.lse"].float()
-        mask[i, s : s + e.n_response] = 1
-    return ids, attn, values, indices, mask, lse
+        span = slice(keep - 1 - e.n_response, keep - 1)
+        values[i, span] = cache[f"{e.key}.values"].float()
+        indices[i, span] = cache[f"{e.key}.indices"].long()
+        lse[i, span] = cache[f"{e.key}.lse"].float()
+        mask[i, span] = 1
+    return StudentBatch(ids, attn, pos, keep, values, indices, mask, lse)
 
 
 # ----- LoRA ----------------------------------------------------------------------------------

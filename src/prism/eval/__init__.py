@@ -56,7 +56,7 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
         if prism is None:
             raise ValueError("the context suite needs a run directory (`prism eval RUN --suite contexts`)")
         return ContextSuite(prism, registry, list(run.manifest["personas"]), out, data_dir, s.suite_max_new_tokens,
-                            s.suite_mtbench, s.seed, s.n_boot, quiet).run()
+                            s.suite_mtbench, s.seed, s.n_boot, quiet, s.suite_limit).run()
     systems = Systems(chat, prism, registry, s.persona_map, s.persona_length, s.placement)
     return Evaluator(systems, s, data_dir, out, quiet=quiet).run(fingerprint)
 

@@ -41,17 +41,19 @@ log = logging.getLogger(__name__)
 GENERAL = "general"
 
 
-def suite_items(contexts: dict[str, Context], data_dir: str, n_mtbench: int, seed: int) -> list[Item]:
-    """The held-out questions of the run's contexts, then the general questions."""
+def suite_items(contexts: dict[str, Context], data_dir: str, n_mtbench: int, seed: int,
+                limit: int | None = None) -> list[Item]:
+    """The held-out questions of the run's contexts, then the general questions (at most `limit`
+    per context and of the factual ones)."""
     raw = yaml.safe_load(suite_questions("contexts").read_text())
     items = []
     for name, context in contexts.items():
-        for i, q in enumerate(raw.get(name, [])):
+        for i, q in enumerate(raw.get(name, [])[:limit]):
             fact = next((f for f in context.facts if f.key == q["key"]), None)
             if fact is None:
                 raise ValueError(f"suite question {q['q']!r} names key {q['key']!r}, which {name} does not have")
             items.append(Item(f"{name}-{i}", name, name, [q["q"]], reference=list(fact.match)))
-    for i, q in enumerate(raw["general"]):
+    for i, q in enumerate(raw["general"][:limit]):
         items.append(Item(f"fact-{i}", GENERAL, "factual", [q["q"]], reference=[str(a) for a in q["answer"]]))
     for it in load_mt_bench(data_dir, n_mtbench, seed):
         items.append(Item(f"gen-{it.id}", GENERAL, "mtbench", [it.turns[0]]))
@@ -61,13 +63,13 @@ def suite_items(contexts: dict[str, Context], data_dir: str, n_mtbench: int, see
 class ContextSuite:
     def __init__(self, prism, registry: ContextRegistry, run_contexts: list[str], out: str | Path,
                  data_dir: str, max_new_tokens: int = 48, n_mtbench: int = 40, seed: int = 0, n_boot: int = 2000,
-                 quiet: bool = False):
+                 quiet: bool = False, limit: int | None = None):
         self.prism = prism
         self.model = prism.model
         self.contexts = {n: registry.get(n) for n in run_contexts}
         self.registry = registry
         self.out = Path(out)
-        self.items = suite_items(self.contexts, data_dir, n_mtbench, seed)
+        self.items = suite_items(self.contexts, data_dir, n_mtbench, seed, limit)
         self.max_new_tokens, self.seed, self.n_boot = max_new_tokens, seed, n_boot
         key = json.dumps({**self.model.source, "dtype": self.model.dtype_name}, sort_keys=True, default=str)
         variant = "adapter:" + str(prism.run_dir.resolve() if prism.run_dir else "") + f"|{prism.created}"

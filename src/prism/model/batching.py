@@ -137,3 +137,24 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     raise ValueError(f"unknown pooling {pooling!r}; choose mean or last")
+
+
+def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The last hidden state of every position (no vocabulary projection), plain or PEFT-wrapped
+    (a LoRA lives in the modules, so the decoder alone runs it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+
+
+def head(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_output_embeddings()
+
+
+def chunked_logits(model, hidden: torch.Tensor, chunk: int = 256):
+    """(start, logits) for rows of `hidden` (N, H) in chunks: the vocabulary projection never
+    holds more than `chunk` x vocab floats (it is the memory peak of scoring otherwise)."""
+    lm_head = head(model)
+    for start in range(0, hidden.shape[0], chunk):
+        yield start, lm_head(hidden[start : start + chunk]).float()

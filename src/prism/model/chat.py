@@ -11,10 +11,23 @@ from typing import Sequence
 
 import torch
 
-from prism.model.batching import cache_kwarg, first_layer_output, output_cache, pad, pool, positions, shared_prefixes
+from prism.model.batching import (cache_kwarg, chunked_logits, first_layer_output, hidden_states, output_cache, pad,
+                                  pool, positions, shared_prefixes)
 
 Placement = str  # "system" or "user" (prism.config.Placement)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Does the hardware compute bfloat16 natively (a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 _SYSTEM_PROBE = "PRISM-SYSTEM-ROLE-PROBE"
@@ -90,8 +103,11 @@ class ChatModel:
     def inference_dtype(self, dtype: str | torch.dtype | None):
         """Run the block with the model's floating-point parameters cast to `dtype` (e.g. bfloat16
         for generation on a CPU with bf16 units); the original tensors are put back on exit, bit
-        for bit (they are kept, not re-cast). None / "model" / the current dtype: no change.
-        Buffers (e.g. rotary frequencies) stay as they are."""
+        for bit (they are kept, not re-cast). None / "model" / the current dtype: no change; "auto":
+        bfloat16 where the hardware has bf16 units, else no change. Buffers (e.g. rotary
+        frequencies) stay as they are."""
+        if dtype == "auto":
+            dtype = "bfloat16" if fast_bf16(self.device) else None
         target = None if dtype in (None, "model") else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
         saved = []
         if isinstance(target, torch.dtype):
@@ -238,8 +254,8 @@ class ChatModel:
     ) -> list[tuple[float, int]]:
         """Sum of log p(continuation | prompt) and its token count, for each pair.
 
-        Rows are left-padded so every continuation ends at the last position, and logits are
-        computed only for the last positions (the vocabulary projection dominates otherwise).
+        Rows are left-padded so every continuation ends at the last position; only the positions
+        that predict a continuation token are projected to the vocabulary, a chunk at a time.
         """
         assert len(prompts) == len(continuations)
         results: list[tuple[float, int] | None] = [None] * len(prompts)
@@ -252,16 +268,27 @@ class ChatModel:
         pad_id = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            ids, mask, _ = pad([pieces[i][0] + pieces[i][1] for i in idx], pad_id)
+            ids, mask, pos = pad([pieces[i][0] + pieces[i][1] for i in idx], pad_id)
             width = ids.shape[1]
-            keep = max(len(pieces[i][1]) for i in idx) + 1
-            logits = self._forward(ids, mask, logits_to_keep=keep).float()  # (b, keep, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = ids[:, width - keep + 1 :].to(self.device)
-            tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, keep-1)
+            hidden = hidden_states(self.model, ids.to(self.device), mask.to(self.device), pos.to(self.device))
+            # Only the positions that predict a continuation token are projected, in chunks.
+            rows, cols = [], []
             for r, i in enumerate(idx):
                 n_c = len(pieces[i][1])
-                results[i] = (tok_lp[r, keep - 1 - n_c :].sum().item(), n_c)
+                rows += [r] * n_c
+                cols += list(range(width - n_c - 1, width - 1))
+            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+            targets = ids[rows_t, cols_t + 1].to(self.device)
+            tok_lp = torch.empty(len(rows))
+            for at, logits in chunked_logits(self.model, hidden[rows_t, cols_t]):
+                tgt = targets[at : at + len(logits)]
+                tok_lp[at : at + len(logits)] = (logits.gather(-1, tgt[:, None]).squeeze(-1)
+                                                 - logits.logsumexp(-1)).cpu()
+            at = 0
+            for r, i in enumerate(idx):
+                n_c = len(pieces[i][1])
+                results[i] = (tok_lp[at : at + n_c].sum().item(), n_c)
+                at += n_c
             if progress is not None:
                 progress.update(len(idx))
         return results  # type: ignore[return-value]

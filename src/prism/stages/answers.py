@@ -1,6 +1,6 @@
 """Stage 2: every query answered by the same model without a context and with one: its own
-context, or with `answers.cross` every context of the run (so stage 4 learns what each context
-does where it does not belong). With `answers.samples` > 1 a context with a program check answers
+context, and with `answers.cross` also every context of scope `all` (so stage 4 learns what such
+a context does beyond its own queries). With `answers.samples` > 1 a context with a program check answers
 its own queries several times and the best-checked answer is kept."""
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ def run_answers(ctx: StageContext) -> dict:
     cfg = ctx.config.answers
     queries = [QueryRecord.from_dict(r) for r in read_jsonl(ctx.run.queries)]
     names = [p.name for p in ctx.personas]
+    # Cross answers only where they can matter: a context of scope `own` costs its full price on
+    # queries it does not serve whatever it answers (stage 4).
+    broad = [p.name for p in ctx.personas if p.scope == "all"] if cfg.cross else []
     pairs = [(q, name) for q in queries
-             for name in (names if cfg.cross else [q.persona] if q.persona in names else [])]
+             for name in ([q.persona] if q.persona in names else []) + [n for n in broad if n != q.persona]]
     path = ctx.run.answers
     rows = read_jsonl(path)
     done = {(r["query_id"], r["persona"]) for r in rows}

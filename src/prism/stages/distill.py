@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from prism.distill import (build_example, load_optimizer, lora_config, lr_lambda, save_optimizer, student_batch,
-                           teacher_topk, topk_kl)
+                           teacher_topk)
 from prism.io import append_jsonl, atomic_directory, atomic_write_json, atomic_write_tensors, read_jsonl, \
     recover_directory
 from prism.model import decoder_layers
@@ -41,8 +41,10 @@ def distill_examples(ctx: StageContext, members: list[str] | None = None):
     cfg = ctx.config.distill
     labels = {(r["query_id"], r["persona"]): r["label"] for r in read_jsonl(ctx.run.verdicts)}
     answers = [AnswerRecord.from_dict(r) for r in read_jsonl(ctx.run.answers)]
+    # A context serves its own queries, and every query when its scope is `all`.
+    serves = {p.name for p in ctx.personas if p.scope == "all"}
     chosen = [a for a in answers if (cfg.examples == "served" or labels.get((a.query_id, a.persona)) == 1)
-              and a.origin == a.persona and (members is None or a.persona in members)]
+              and (a.origin == a.persona or a.persona in serves) and (members is None or a.persona in members)]
     examples, too_long = [], []
     for a in chosen:
         try:
@@ -65,11 +67,9 @@ def mean_kl(model, examples, cache, pad_id, k, temperature, batch_size) -> float
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
-        ids, attn, vals, idx, mask, lse = student_batch(part, cache, pad_id, k)
-        dev = next(model.parameters()).device
-        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
-        n = int(mask.sum())
-        total += topk_kl(logits, vals.to(dev), idx.to(dev), mask.to(dev), temperature, lse.to(dev)).item() * n
+        batch = student_batch(part, cache, pad_id, k)
+        n = int(batch.mask.sum())
+        total += batch.kl(batch.logits(model), temperature).item() * n
         tokens += n
     model.train(was)
     return total / max(1, tokens)
@@ -161,7 +161,6 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
     losses_path = out / "losses.jsonl"
     bar = ctx.progress(total=(cfg.epochs - start_epoch) * len(loader), desc="stage 5/5 distill")
     peft_model.train()
-    dev = accelerator.device
     for epoch in range(start_epoch, cfg.epochs):
         random.seed(ctx.config.seed + epoch)
         loader_gen = getattr(loader, "generator", None) or getattr(getattr(loader, "base_dataloader", None),
@@ -170,11 +169,11 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
             loader_gen.manual_seed(ctx.config.seed + epoch)
         epoch_loss, n_batches, t0 = 0.0, 0, time.perf_counter()
         for idx in loader:
-            ids, attn, vals, tidx, mask, lse = student_batch([examples[i] for i in idx], cache, pad_id, k)
+            batch = student_batch([examples[i] for i in idx], cache, pad_id, k)
             with accelerator.accumulate(peft_model):
                 with accelerator.autocast():
-                    logits = peft_model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
-                loss = topk_kl(logits, vals.to(dev), tidx.to(dev), mask.to(dev), temp, lse.to(dev))
+                    logits = batch.logits(peft_model)
+                loss = batch.kl(logits, temp)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
