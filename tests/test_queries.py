@@ -39,3 +39,24 @@ def test_accept_filters_short_deduplicates_and_caps():
     assert kept == [(2, "How do black holes form?"), (4, "What is dark matter made of?")]
     assert normalise("What is dark matter made of?") in seen
     assert normalise("Why do stars twinkle at night?") not in seen  # never looked at: cap reached
+
+
+def test_query_prompts_vary_the_phrasing_across_keys_styles_and_openers(embedded):
+    """A gate learns from these queries: memory questions must come with "my" and "I" phrasings and
+    general ones in every style, or it learns a word instead of the question (see stages/queries)."""
+    from types import SimpleNamespace
+
+    from prism.contexts import ContextRegistry
+    from prism.stages.queries import GENERAL_STYLES, MEMORY_OPENERS, query_prompts
+
+    cfg = SimpleNamespace(queries=SimpleNamespace(persona_in_context=False), placement="system")
+    ctx = SimpleNamespace(model=embedded, config=cfg, persona_text=lambda p: p.text())
+    memory = ContextRegistry.load("suite:contexts").get("memory_maya")
+    pairs = query_prompts(ctx, memory, 3 * len(memory.facts), 0)
+    assert {o for _, o in pairs} == set(MEMORY_OPENERS)
+    assert all(p.endswith(o) and "Question: " in p for p, o in pairs)
+    assert sum(f"about my {key}." in p for p, _ in pairs for key in ("dog", "sister", "cat")) == 9
+    general = query_prompts(ctx, None, 48, 0)
+    for i, style in enumerate(GENERAL_STYLES):  # each style in turn, its reply started as it says
+        assert all(style[0].split("{")[0] in p and style[1] in p for p, _ in general[i::len(GENERAL_STYLES)])
+    assert len({o for _, o in general}) >= 12 and all(p.endswith(o) for p, o in general)

@@ -70,6 +70,7 @@ class ContextSuite:
         self.registry = registry
         self.out = Path(out)
         self.items = suite_items(self.contexts, data_dir, n_mtbench, seed, limit)
+        self.timing = (1, 2) if limit else (5, 8)  # (repeats, questions) of the TTFT medians; a limited run is a smoke test
         self.max_new_tokens, self.seed, self.n_boot = max_new_tokens, seed, n_boot
         key = json.dumps({**self.model.source, "dtype": self.model.dtype_name}, sort_keys=True, default=str)
         variant = "adapter:" + str(prism.run_dir.resolve() if prism.run_dir else "") + f"|{prism.created}"
@@ -131,7 +132,7 @@ class ContextSuite:
                 name: paired_diff_ci(*self._recall_pair(name, [r["text"] for r in replies[s]], base_text),
                                      self.n_boot, self.seed) for name in self.contexts}
         results["routing"] = self.routing(routes["prism"])
-        results["cost"] = self.cost()
+        results["cost"] = self.cost(*self.timing)
         results["samples"] = {s: [{"q": it.turns[0], "a": r["text"][:160]} for it, r in zip(self.items, replies[s])][::9]
                               for s in systems}
         results.update(suite="contexts", out=str(self.out))

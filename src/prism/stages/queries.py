@@ -26,11 +26,26 @@ log = logging.getLogger(__name__)
 # Measured on the embedded model: short, concrete instructions work best at 135M parameters.
 QUERY_INSTRUCTION = "Write one specific question that a user might ask {description}. Only write the question."
 CONTEXT_INSTRUCTION = "Write {queries}. Only write the question."
-GENERAL_INSTRUCTION = "Write one specific question that a user might ask an AI assistant about {topic}. Only write the question."
 QUESTION = "Question: "  # the reply starts with this and an opener; the model writes the rest
-OPENERS = ("What", "Can you tell me", "Do you know", "Tell me", "Which", "How", "What's", "When", "Where", "Who")
-MEMORY_OPENERS = ("What is my", "Can you remind me", "Do you remember my", "What's my", "Tell me my", "Who is my",
-                  "Where", "When is my", "Which")
+# General queries in three styles, cycled: users also ask short quiz questions and give tasks, and a
+# gate that only saw long questions sent exactly those (held-out trivia, MT-Bench math and
+# extraction tasks) to a context. Each style: (instruction, the reply's start, openers).
+GENERAL_STYLES = (
+    ("Write one specific question that a user might ask an AI assistant about {topic}. Only write the question.",
+     QUESTION, None),
+    ("Write one short quiz question about {topic} with a one-word answer. Only write the question.",
+     QUESTION, ("What", "Who", "Which", "Where", "When", "How many")),
+    ("Write one task that a user might give an AI assistant about {topic}: something to write, solve, plan or "
+     "explain. Only write the task.", "Task: ", ("Write", "Explain", "Solve", "Create", "Give me", "Plan", "Describe",
+                                                 "Compare")),
+)
+# People ask about themselves with "my" and with "I" alike, and ask general questions in the first
+# person too: a gate that only saw "my ..." for the memory learns the word, not the question
+# (measured: it routed exactly the held-out memory questions containing "my", 20 of 40).
+OPENERS = ("What", "Can you tell me", "How can I", "Do you know", "Tell me", "Which", "How", "What's", "Should I",
+           "When", "Where", "Who", "What should I")
+MEMORY_OPENERS = ("What is my", "Can you remind me", "Where do I", "What's my", "What do I", "Who is my",
+                  "Where did I", "When is my", "Which", "What did I", "Do you remember my", "Tell me my")
 GENERAL_TOPICS = (
     "history", "cooking", "space", "sports", "music", "health", "travel", "money", "gardening", "programming",
     "physics", "animals", "films", "language learning", "geography", "chemistry", "art", "fitness", "cars",
@@ -100,8 +115,10 @@ def query_prompts(ctx: StageContext, source: Context | None, k: int, offset: int
         return [(ctx.model.user_prompt(instruction, text, ctx.config.placement), "")] * k
     out = []
     for j in range(offset, offset + k):
+        lead = QUESTION
         if source is None:
-            instruction, openers = GENERAL_INSTRUCTION.format(topic=GENERAL_TOPICS[j % len(GENERAL_TOPICS)]), OPENERS
+            instruction, lead, openers = GENERAL_STYLES[j % len(GENERAL_STYLES)]
+            instruction, openers = instruction.format(topic=GENERAL_TOPICS[j % len(GENERAL_TOPICS)]), openers or OPENERS
             prompt = ctx.model.user_prompt(instruction)
         else:
             key = source.facts[j % len(source.facts)].key if source.facts else ""
@@ -109,8 +126,9 @@ def query_prompts(ctx: StageContext, source: Context | None, k: int, offset: int
             openers = MEMORY_OPENERS if source.kind == "memory" else OPENERS
             text = ctx.persona_text(source) if ctx.config.queries.persona_in_context else None
             prompt = ctx.model.user_prompt(instruction, text, ctx.config.placement)
-        opener = openers[(j // max(1, len(source.facts) if source else 1)) % len(openers)]
-        out.append((prompt + QUESTION + opener, opener))
+        cycle = max(1, len(source.facts) if source else len(GENERAL_STYLES))
+        opener = openers[(j + j // cycle) % len(openers)]  # each pass over the keys (styles) shifts the openers
+        out.append((prompt + lead + opener, opener))
     return out
 
 
