@@ -299,7 +299,7 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, args.api_key, upstream=args.upstream, upstream_base=args.upstream_base,
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-          context_length=args.context_length)
+          context_length=args.context_length, allowed_host=args.allowed_host)
     return 0
 
 
@@ -343,6 +343,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
     "serve": ("serve a finished run over an OpenAI-compatible HTTP API", cmd_serve, [
         RUN_DIR, ("--host", {"default": "127.0.0.1", "help": "address to bind (default: loopback only)"}),
         ("--port", {"type": int, "default": 8000}),
+        ("--allowed-host", {"action": "append", "help": "a host name clients reach the server by, besides localhost "
+                                                        "and the --host address (repeatable; '*': any)"}),
         ("--api-key", {"help": "require 'Authorization: Bearer KEY' (or set PRISM_API_KEY)"}),
         ("--max-batch", {"type": int, "help": "requests decoded together (default 16)"}),
         ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
@@ -359,8 +361,15 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
 QUIET_BY_DEFAULT = {"config", "personas", "generate", "chat", "export-adapter"}
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit code 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
+    parser = Parser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, fn, arguments) in SUBCOMMANDS.items():

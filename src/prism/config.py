@@ -282,11 +282,17 @@ def load_settings(
     try:
         return cls(**merged)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
+        problems = "; ".join(_problem(err) for err in e.errors())
         raise ConfigError(f"invalid {what} {source} (preset {preset!r}): {problems}") from None
+
+
+def _problem(err: dict) -> str:
+    """One validation error as `where: what (got VALUE)`."""
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    text = f"{where}: {err['msg'].removeprefix('Value error, ')}"
+    if err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), dict):
+        text += f" (got {err['input']!r:.60})"
+    return text
 
 
 def load_config(
