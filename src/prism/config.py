@@ -218,7 +218,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "answers": {"max_new_tokens": 24},
         "judge": {"kind": "likelihood", "sanity_pairs": 4},
         "gate": {"max_epochs": 20, "min_examples": 4},
-        "distill": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "max_seq_len": 128},
+        # Two epochs: a kill can land between checkpoints (tests/test_faults.py resumes from one).
+        "distill": {"epochs": 2, "batch_size": 2, "grad_accum": 1, "max_seq_len": 128},
     },
 }
 DEFAULT_PRESET = "quick"

@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+import zlib
 
 import torch
 from safetensors.torch import load_file
@@ -86,14 +87,16 @@ def run_distill(ctx: StageContext) -> dict:
     )
     facts = {}
     for name, members in adapters(ctx).items():
+        summary = ctx.run.distill_path(name) / "summary.json"
         if (ctx.run.adapter_path(name) / "adapter_config.json").is_file() and name in ctx.run.finished_adapters():
-            continue  # trained by an earlier invocation
+            facts[name] = json.loads(summary.read_text()) if summary.is_file() else {}  # trained before a kill
+            continue
         log.info("stage 5: adapter %r (%s)", name, ", ".join(members))
         facts[name] = distill_adapter(ctx, accelerator, name, distill_examples(ctx, members))
+        if accelerator.is_main_process:
+            atomic_write_json(summary, facts[name])
         ctx.run.finished_adapters(add=name)
-    if ctx.config.adapters == "shared":
-        return facts.get(SHARED) or ctx.run.manifest["stages"].get("distill", {})
-    return {"adapters": {**ctx.run.manifest["stages"].get("distill", {}).get("adapters", {}), **facts}}
+    return facts[SHARED] if ctx.config.adapters == "shared" else {"adapters": facts}
 
 
 def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict:
@@ -118,6 +121,8 @@ def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict
         accelerator.wait_for_everyone()  # the others read the cache only once it is complete
     cache = load_file(str(cache_path)) if examples else {}
 
+    # LoRA's random initialisation: seeded, so a run resumed in a new process trains the same adapter.
+    torch.manual_seed(ctx.config.seed + zlib.crc32(name.encode()))
     peft_model = get_peft_model(base, lora_config(n_layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
     try:
         facts = _train(ctx, accelerator, peft_model, examples, cache, pad_id, out,
@@ -129,6 +134,8 @@ def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict
                 # machine's cache); name the model instead, as the manifest does (it also keeps the hash).
                 config = json.loads((tmp / "adapter_config.json").read_text())
                 config["base_model_name_or_path"] = ctx.model.source["id"]
+                if isinstance(config.get("target_modules"), list):  # PEFT writes a set, in hash order
+                    config["target_modules"] = sorted(config["target_modules"])
                 atomic_write_json(tmp / "adapter_config.json", config)
     finally:
         # Take the LoRA layers out again: the base model object is shared with the caller.
@@ -212,6 +219,4 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
     facts = {"examples": len(examples), "trained": True, "kl_initial": round(kl_initial, 5),
              "kl_final": round(kl_final, 5), "epochs": cfg.epochs, "steps": step,
              "epoch_losses": [r["loss"] for r in losses]}
-    if accelerator.is_main_process:
-        atomic_write_json(out / "summary.json", facts)
     return facts
