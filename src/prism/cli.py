@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -140,6 +141,10 @@ def _setup_logging(quiet: bool) -> None:
     )
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:  # nor transformers' weight-loading bar (it reads this variable when imported)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 # ----- subcommands ---------------------------------------------------------------------------
@@ -214,7 +219,20 @@ def _route_line(route) -> str:
             f"p={route.runner_up_probability:.3f}; {route.rule})]")
 
 
+def _check_generation(args) -> None:
+    """The sampling flags, checked before the model loads."""
+    from prism.errors import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature <= 2:
+        raise ConfigError(f"--temperature must be between 0 and 2, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be above 0 and at most 1, got {args.top_p}")
+
+
 def cmd_generate(args) -> int:
+    _check_generation(args)
     model = _load_routed(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
@@ -229,6 +247,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    _check_generation(args)
     model = _load_routed(args)
     print("PRISM chat. /reset starts a new conversation, /quit leaves.", file=sys.stderr)
     messages: list[dict] = []
@@ -392,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PrismError, ValueError, OSError) as e:  # the user's input or files: one line, no traceback
         if args.debug:
             traceback.print_exc()
-        print(f"prism: error: {e}", file=sys.stderr)
+        print("prism: error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, always
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("prism: interrupted; run the same command again to resume", file=sys.stderr)

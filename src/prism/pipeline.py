@@ -46,7 +46,8 @@ def run_pipeline(
     texts = {p.name: p.text(config.persona_length) for p in personas}
     run = RunDir(out)
     with run.lock():
-        run.open(config, texts)
+        if run.exists or run.outputs():  # an existing run is checked before the model loads
+            run.open(config, texts)
         wanted = list(STAGES[: STAGES.index(until) + 1])
         pending = [s for s in wanted if run.status(s) != "done"]
         if not pending:
@@ -58,6 +59,7 @@ def run_pipeline(
         if model is None:
             model = load_model_for(config)
         check_context_fits(model, config, texts)
+        run.open(config, texts)  # a new run's manifest is written once its personas are known to fit
         run.record_model(model.source, model.supports_system_role, config.placement)
         _run_stages(run, config, model, personas, pending, quiet)
     return run
