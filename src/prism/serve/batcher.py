@@ -67,9 +67,11 @@ class Batcher:
         self.batch_wait = batch_wait
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         # cancelled: requests whose client left mid-generation; tokens_after_cancel: what the worker
-        # still generated for them after they left (at most one decode step each).
+        # still generated for them after they left (at most one decode step each, so the most for
+        # one request, max_tokens_after_cancel, is at most 1).
         self.stats = {"requests": 0, "rejected": 0, "batches": 0, "largest_batch": 0, "forward_passes": 0,
-                      "completion_tokens": 0, "errors": 0, "cancelled": 0, "tokens_after_cancel": 0}
+                      "completion_tokens": 0, "errors": 0, "cancelled": 0, "tokens_after_cancel": 0,
+                      "max_tokens_after_cancel": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prism-batcher", daemon=True)
 
@@ -142,6 +144,8 @@ class Batcher:
             if reason == "cancelled" and job.cancelled:
                 self.stats["cancelled"] += 1
                 self.stats["tokens_after_cancel"] += n - job.tokens_at_cancel
+                self.stats["max_tokens_after_cancel"] = max(self.stats["max_tokens_after_cancel"],
+                                                            n - job.tokens_at_cancel)
             job.send("done", (reason, n))
 
         def fail() -> None:

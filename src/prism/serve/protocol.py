@@ -237,20 +237,20 @@ def _no_constant(name: str):
 # ----- request models ------------------------------------------------------------------------
 # The fields a request may carry, each named once. A request model below declares the fields this
 # server implements. Beyond those:
-# - NO_EFFECT: accepted and ignored (they change nothing here). Extending the server means moving
-#   a field from here into a model. `logprobs`, `top_logprobs` and `echo` are being implemented
-#   for lm-eval (issue 14).
+# - NO_EFFECT: accepted and ignored (they change nothing here).
 # - UNSUPPORTED: OpenAI features this server lacks, accepted only at the values that leave them
 #   off; any other value is a 400 naming the field, rather than a reply that silently ignored it.
+#   Extending the server means moving a field from here into a model (`logprobs`, `top_logprobs`
+#   and `echo` are planned for lm-eval, issue 14).
 # - anything else is a 400 too, as the OpenAI API answers an unrecognized argument.
 # A null field means its default, as in the OpenAI API.
-NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "logprobs", "top_logprobs",
-                       "echo"})
+NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 UNSUPPORTED: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
     "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},),
     "presence_penalty": (0,), "frequency_penalty": (0,), "suffix": ("",), "modalities": (["text"],),
     "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),  # False == 0: a completion's `logprobs: 0` too
     "add_special_tokens": (False,),  # prompts are tokenized as sent (the pipeline's generator sends false)
 }
 # The same for each message: `name` changes nothing, a reply's own fields are fine when empty.
