@@ -68,10 +68,11 @@ class Batcher:
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         # cancelled: requests whose client left mid-generation; tokens_after_cancel: what the worker
         # still generated for them after they left (at most one decode step each, so the most for
-        # one request, max_tokens_after_cancel, is at most 1).
+        # one request, max_tokens_after_cancel, is at most 1); cancelled_queued: clients that left
+        # while their request waited in the queue (it never ran).
         self.stats = {"requests": 0, "rejected": 0, "batches": 0, "largest_batch": 0, "forward_passes": 0,
                       "completion_tokens": 0, "errors": 0, "cancelled": 0, "tokens_after_cancel": 0,
-                      "max_tokens_after_cancel": 0}
+                      "max_tokens_after_cancel": 0, "cancelled_queued": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prism-batcher", daemon=True)
 
@@ -107,7 +108,9 @@ class Batcher:
                 batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        return [j for j in batch if not j.cancelled]  # clients that left while queued
+        live = [j for j in batch if not j.cancelled]  # not the clients that left while queued
+        self.stats["cancelled_queued"] += len(batch) - len(live)
+        return live
 
     def _run(self) -> None:
         while not self._stop.is_set():
