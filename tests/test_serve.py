@@ -29,12 +29,8 @@ MICRO = {"persona_length": "minimal"}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from prism.model import load_model
-
-    out = tmp_path_factory.mktemp("serve") / "micro"
-    run_pipeline(load_config("micro", overrides=MICRO), out, quiet=True, model=load_model(batch_size=8))
-    return out
+def run_dir(micro_run):
+    return micro_run
 
 
 @pytest.fixture(scope="module")

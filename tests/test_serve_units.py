@@ -12,9 +12,9 @@ def test_request_validation_names_the_field():
     ok = P.parse(P.ChatRequest, {"model": "prism", "messages": [{"role": "developer", "content": "be brief"},
                                                                 {"role": "user", "content": [
                                                                     {"type": "text", "text": "hi"}]}],
-                                 "stop": "\n", "unknown_field": 1})
+                                 "stop": "\n", "user": "someone", "temperature": None, "tools": [], "n": 1})
     assert ok.plain_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    assert ok.stop_list() == ["\n"]
+    assert ok.stop_list() == ["\n"] and ok.temperature == 1.0  # null means the default
     cases = [
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
@@ -23,6 +23,9 @@ def test_request_validation_names_the_field():
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "unknown_field": 1}, "unknown_field"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
         ({}, "messages"),
     ]
     for body, field in cases:

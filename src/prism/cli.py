@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -140,6 +141,10 @@ def _setup_logging(quiet: bool) -> None:
     )
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:  # nor transformers' weight-loading bar (it reads this variable when imported)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 # ----- subcommands ---------------------------------------------------------------------------
@@ -214,7 +219,20 @@ def _route_line(route) -> str:
             f"p={route.runner_up_probability:.3f}; {route.rule})]")
 
 
+def _check_generation(args) -> None:
+    """The sampling flags, checked before the model loads."""
+    from prism.errors import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature <= 2:
+        raise ConfigError(f"--temperature must be between 0 and 2, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be above 0 and at most 1, got {args.top_p}")
+
+
 def cmd_generate(args) -> int:
+    _check_generation(args)
     model = _load_routed(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
@@ -229,6 +247,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    _check_generation(args)
     model = _load_routed(args)
     print("PRISM chat. /reset starts a new conversation, /quit leaves.", file=sys.stderr)
     messages: list[dict] = []
@@ -299,7 +318,7 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, args.api_key, upstream=args.upstream, upstream_base=args.upstream_base,
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-          context_length=args.context_length)
+          context_length=args.context_length, allowed_host=args.allowed_host)
     return 0
 
 
@@ -343,6 +362,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
     "serve": ("serve a finished run over an OpenAI-compatible HTTP API", cmd_serve, [
         RUN_DIR, ("--host", {"default": "127.0.0.1", "help": "address to bind (default: loopback only)"}),
         ("--port", {"type": int, "default": 8000}),
+        ("--allowed-host", {"action": "append", "help": "a host name clients reach the server by, besides localhost "
+                                                        "and the --host address (repeatable; '*': any)"}),
         ("--api-key", {"help": "require 'Authorization: Bearer KEY' (or set PRISM_API_KEY)"}),
         ("--max-batch", {"type": int, "help": "requests decoded together (default 16)"}),
         ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
@@ -359,8 +380,15 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
 QUIET_BY_DEFAULT = {"config", "personas", "generate", "chat", "export-adapter"}
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit code 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
+    parser = Parser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, fn, arguments) in SUBCOMMANDS.items():
@@ -383,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PrismError, ValueError, OSError) as e:  # the user's input or files: one line, no traceback
         if args.debug:
             traceback.print_exc()
-        print(f"prism: error: {e}", file=sys.stderr)
+        print("prism: error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, always
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("prism: interrupted; run the same command again to resume", file=sys.stderr)

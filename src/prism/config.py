@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prism.errors import ConfigError
+from prism.errors import ConfigError, yaml_problem
 
 EMBEDDED_MODEL = "embedded"
 
@@ -218,7 +218,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "answers": {"max_new_tokens": 24},
         "judge": {"kind": "likelihood", "sanity_pairs": 4},
         "gate": {"max_epochs": 20, "min_examples": 4},
-        "distill": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "max_seq_len": 128},
+        # Two epochs: a kill can land between checkpoints (tests/test_faults.py resumes from one).
+        "distill": {"epochs": 2, "batch_size": 2, "grad_accum": 1, "max_seq_len": 128},
     },
 }
 DEFAULT_PRESET = "quick"
@@ -240,7 +241,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -282,11 +283,17 @@ def load_settings(
     try:
         return cls(**merged)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
+        problems = "; ".join(_problem(err) for err in e.errors())
         raise ConfigError(f"invalid {what} {source} (preset {preset!r}): {problems}") from None
+
+
+def _problem(err: dict) -> str:
+    """One validation error as `where: what (got VALUE)`."""
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    text = f"{where}: {err['msg'].removeprefix('Value error, ')}"
+    if err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), dict):
+        text += f" (got {err['input']!r:.60})"
+    return text
 
 
 def load_config(

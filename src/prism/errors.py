@@ -2,6 +2,14 @@
 line) without importing the heavy modules that raise them. Messages name the input and the problem."""
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error in one line: what is wrong and where ("expected ',' or ']' at line 2,
+    column 1"), not PyYAML's multi-line excerpt."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 class PrismError(ValueError):
     """A problem with the user's input or files."""
 

@@ -252,6 +252,7 @@ def fit_gate(features: torch.Tensor, labels: Sequence[int], utility: torch.Tenso
                                              for i, c in enumerate(classes)}}
         log.warning("gate: %d examples (%s) are too few or one-sided to train; using the constant rule %r",
                     n, counts, best)
+        torch.manual_seed(seed)  # its unused weights too: the same run writes the same file
         return Gate(spec)
     fold_ids = stratified_folds(labels, k, seed)
     oof = torch.zeros(n, len(classes))

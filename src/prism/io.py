@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
+from prism.errors import PrismError
+
 log = logging.getLogger(__name__)
 
 
@@ -97,51 +99,106 @@ def atomic_directory(target: str | Path):
 
 
 def append_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """Append rows, each as one complete line written with a single os.write, then fsync."""
+    """Append rows as complete lines, all in one os.write (a kill cannot split one call's rows
+    between "written" and "lost"), then fsync. A torn last line left by an earlier killed write is
+    removed first, so the new rows never continue it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
+    lines = [(json.dumps(row, ensure_ascii=False) + "\n").encode() for row in rows]
+    if path.is_file():
+        repair_last_line(path)
+    data = b"".join(lines)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        for row in rows:
-            data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-            while data:  # a short write must not leave half a line behind
-                data = data[os.write(fd, data):]
-            n += 1
+        while data:  # a short write: write the rest, never leave half a line behind
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    return n
+    return len(lines)
+
+
+def repair_last_line(path: str | Path) -> None:
+    """A last line without its newline is finished when it is a complete row, and cut off when it
+    is the torn leftover of a killed write."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        start = end
+        while start > 0:  # back to the byte after the last newline
+            step = min(1 << 16, start)
+            f.seek(start - step)
+            cut = f.read(step).rfind(b"\n")
+            if cut >= 0:
+                start = start - step + cut + 1
+                break
+            start -= step
+        f.seek(start)
+        try:
+            json.loads(f.read())
+        except ValueError:
+            log.warning("%s: dropping a partial last line left by an interrupted write", path)
+            f.truncate(start)
+        else:
+            f.write(b"\n")
 
 
 def read_jsonl(path: str | Path, repair: bool = True) -> list[dict]:
     """All complete rows of a JSONL file. A torn last line (no newline, not valid JSON) is a
     leftover of a killed write: it is dropped, and removed from the file if `repair`; a valid last
-    row missing only its newline is kept and its line finished."""
+    row missing only its newline is kept (and its line finished if `repair`)."""
     path = Path(path)
     if not path.is_file():
         return []
-    data = path.read_bytes()
-    head, newline, tail = data.rpartition(b"\n")
+    if repair:
+        repair_last_line(path)
+    lines = path.read_bytes().split(b"\n")
     rows, offset = [], 0
-    for line in head.split(b"\n") if newline else []:
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
-                raise ValueError(f"{path}: corrupt line at byte {offset}: {line[:80]!r}") from None
+                if n == len(lines):  # a torn last line, left in place (repair=False)
+                    break
+                raise PrismError(f"{path}: corrupt line {n} (byte {offset}): {line[:80]!r}") from None
+            if not isinstance(row, dict):
+                raise PrismError(f"{path}: line {n} is not a JSON object: {line[:80]!r}")
+            rows.append(row)
         offset += len(line) + 1
-    if tail.strip():
-        try:
-            rows.append(json.loads(tail))
-            torn = False
-        except ValueError:
-            torn = True
-        if repair and torn:
-            log.warning("%s: dropping a partial last line left by an interrupted write", path)
-            with open(path, "r+b") as f:
-                f.truncate(len(data) - len(tail))
-        elif repair:
-            with open(path, "ab") as f:
-                f.write(b"\n")
     return rows
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `pid` is what it wrote into the lock file ('' if unknown)."""
+
+    def __init__(self, path: Path, pid: str):
+        super().__init__(f"{path} is held by process {pid or '(unknown)'}")
+        self.path, self.pid = path, pid
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, wait: bool = True):
+    """Hold an exclusive advisory lock (flock) on `path` for the block. The kernel drops it when
+    the holder exits or is killed, so no stale lock survives a crash. The file keeps the holder's
+    pid and is left in place afterwards (removing it would let a third process lock a new file
+    while a second still waits on the old one). Without `wait`, a held lock raises LockHeld."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockHeld(path, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

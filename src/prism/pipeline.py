@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from prism.config import STAGES, PrismConfig
-from prism.errors import RunError
+from prism.errors import PersonaError, RunError
 from prism.model import ChatModel, load_model_for
 from prism.contexts import ContextRegistry
 from prism.run import RunDir, world_size
@@ -45,18 +45,39 @@ def run_pipeline(
     personas = registry.select(config.personas)
     texts = {p.name: p.text(config.persona_length) for p in personas}
     run = RunDir(out)
-    run.open(config, texts)
-    wanted = list(STAGES[: STAGES.index(until) + 1])
-    pending = [s for s in wanted if run.status(s) != "done"]
-    if not pending:
-        log.info("%s: every stage up to %s is done; nothing to do", run.path, until)
-        return run
-    if world_size() > 1 and pending != ["distill"]:
-        raise RunError(f"{world_size()} processes can only share stage 5 (distill); run stages 1-4 first with "
-                       f"`prism run --until gate --out {run.path}`, then `accelerate launch` the same command")
-    if model is None:
-        model = load_model_for(config)
-    run.record_model(model.source, model.supports_system_role, config.placement)
+    with run.lock():
+        if run.exists or run.outputs():  # an existing run is checked before the model loads
+            run.open(config, texts)
+        wanted = list(STAGES[: STAGES.index(until) + 1])
+        pending = [s for s in wanted if run.status(s) != "done"]
+        if not pending:
+            log.info("%s: every stage up to %s is done; nothing to do", run.path, until)
+            return run
+        if world_size() > 1 and pending != ["distill"]:
+            raise RunError(f"{world_size()} processes can only share stage 5 (distill); run stages 1-4 first with "
+                           f"`prism run --until gate --out {run.path}`, then `accelerate launch` the same command")
+        if model is None:
+            model = load_model_for(config)
+        check_context_fits(model, config, texts)
+        run.open(config, texts)  # a new run's manifest is written once its personas are known to fit
+        run.record_model(model.source, model.supports_system_role, config.placement)
+        _run_stages(run, config, model, personas, pending, quiet)
+    return run
+
+
+def check_context_fits(model: ChatModel, config: PrismConfig, texts: dict[str, str]) -> None:
+    """Every persona prompt must leave room in the model's context for a query and an answer."""
+    for name, text in texts.items():
+        prompt = len(model.token_ids(model.user_prompt("", text, config.placement)))
+        need = prompt + config.queries.max_new_tokens + config.answers.max_new_tokens
+        if need > model.context_length:
+            raise PersonaError(f"persona {name!r} ({config.persona_length}) takes {prompt} tokens; with a query of "
+                               f"{config.queries.max_new_tokens} and an answer of {config.answers.max_new_tokens} "
+                               f"tokens that is {need}, more than the {model.context_length} tokens the model "
+                               "attends over: shorten it or pick another --length")
+
+
+def _run_stages(run: RunDir, config: PrismConfig, model: ChatModel, personas, pending: list[str], quiet: bool) -> None:
     local = model
     if config.generator_url and {"queries", "answers", "verdicts"} & set(pending):
         # stages 1-3 generate on a remote server; judging by scores, the gate and distillation stay local
@@ -73,7 +94,6 @@ def run_pipeline(
             _run_stage(run, ctx, local, stage)
     finally:
         local.prefix_cache = saved_prefix_cache
-    return run
 
 
 def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> None:

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from prism.config import STAGES, PrismConfig
 from prism.errors import RunError
-from prism.io import atomic_write_json
+from prism.io import LockHeld, atomic_write_json, exclusive_lock
 from prism.records import SHARED
 
 # Settings that change speed, not results: a run may resume with different values.
@@ -68,12 +69,46 @@ class RunDir:
         self.judge_check = self.path / "judge_check.json"
         self.gate_dir = self.path / "gate"
         self.eval_dir = self.path / "eval"  # where `prism eval RUN` writes when no --out is given
+        self.lock_path = self.path / "run.lock"  # held by the `prism run` writing here
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} is a file, not a run directory; choose a directory for --out")
         self.manifest: dict[str, Any] = {}
         if self.manifest_path.is_file():
-            try:
-                self.manifest = json.loads(self.manifest_path.read_text())
-            except json.JSONDecodeError as e:
-                raise RunError(f"{self.manifest_path} is not valid JSON ({e})") from None
+            self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        """The manifest, checked for what every command relies on (it may have been hand-edited)."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{self.manifest_path} is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise RunError(f"{self.manifest_path} must hold a JSON object, not {type(manifest).__name__}")
+        missing = [k for k in ("config", "stages") if not isinstance(manifest.get(k), dict)]
+        if missing or not all(isinstance(v, dict) for v in manifest["stages"].values()):
+            raise RunError(f"{self.manifest_path} has no valid {' or '.join(missing) or 'stages'}; it was edited or "
+                           "written by another program (restore it, or start a new run in another --out)")
+        return manifest
+
+    def outputs(self) -> list[str]:
+        """The artifacts of a run present here (a run that lost its manifest must not be adopted)."""
+        paths = [self.queries, self.answers, self.verdicts, self.judge_check, self.gate_dir,
+                 self.adapter_path(), self.path / "adapters", self.distill_path()]
+        return [p.name for p in paths if p.exists()]
+
+    @contextmanager
+    def lock(self):
+        """Only one `prism run` at a time writes a run directory (under `accelerate launch`, rank 0
+        holds the lock for all ranks)."""
+        if not is_main_process():
+            yield
+            return
+        try:
+            with exclusive_lock(self.lock_path, wait=False):
+                yield
+        except LockHeld as e:
+            raise RunError(f"{self.path} is in use by another prism process (pid {e.pid or 'unknown'}); wait for "
+                           "it to finish or choose another --out") from None
 
     def adapter_path(self, name: str = SHARED) -> Path:
         """A LoRA in PEFT format (PeftModel.from_pretrained loads it): `adapter/` for the shared one,
@@ -102,9 +137,11 @@ class RunDir:
             raise RunError(f"{self.path} is not a PRISM run directory (no {self.MANIFEST})")
         try:
             return PrismConfig(**self.manifest["config"])
-        except (KeyError, TypeError, ValidationError) as e:
-            raise RunError(f"{self.manifest_path} holds no valid config ({type(e).__name__}); "
-                           "it was edited or written by another program") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise RunError(f"{self.manifest_path} holds no valid config ({where}: {err['msg']}); it was edited or "
+                           "written by another program") from None
 
     def require(self, *stages: str) -> "RunDir":
         """Fail with a clear message unless every stage named is done."""
@@ -141,6 +178,10 @@ class RunDir:
                 self.manifest["config"] = config.to_dict()
                 self.save()
             return
+        found = self.outputs()
+        if found:
+            raise RunError(f"{self.path} holds run outputs ({', '.join(found)}) but no {self.MANIFEST}; they cannot "
+                           "be resumed without it: restore the manifest, or choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = {
             "prism_run": 1,

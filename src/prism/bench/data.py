@@ -6,6 +6,7 @@ Also the benchmark categories and the expert persona matched to each.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -65,15 +66,56 @@ def _file(directory: str | Path, name: str) -> Path:
     return path
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (saved by Excel) is not data
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) for each row: `where` names the file and line for error messages."""
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(_text(path).splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: each line must be a JSON object")
+            rows.append((f"{path}:{i}", row))
     return rows
+
+
+def _csv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(where, row) for each row of a CSV file that has every one of `columns`."""
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; the header has {reader.fieldnames}")
+    rows = [(f"{path}:{i}", r) for i, r in enumerate(reader, 2)]
+    for where, r in rows:
+        if any(r[c] is None for c in columns):
+            raise DataError(f"{where}: the row has fewer fields than the header")
+    return rows
+
+
+def _need(where: str, row: dict, **kinds) -> None:
+    """Each named key present with a value of its kind (a type or tuple of types)."""
+    for key, kind in kinds.items():
+        if key not in row:
+            raise DataError(f"{where}: missing key {key!r}")
+        if not isinstance(row[key], kind) or isinstance(row[key], bool):
+            raise DataError(f"{where}: {key!r} has the wrong type ({type(row[key]).__name__})")
+
+
+def _strings(where: str, row: dict, key: str, n: int | None = None) -> list[str]:
+    _need(where, row, **{key: list})
+    values = row[key]
+    if not all(isinstance(v, str) for v in values) or (n is not None and len(values) != n):
+        raise DataError(f"{where}: {key!r} must be a list of {n or 'some'} strings")
+    return list(values)
 
 
 def stratified(items: list[Item], limit: int | None, seed: int, by: str = "category") -> list[Item]:
@@ -106,20 +148,28 @@ def load_mt_bench(directory, limit: int | None = None, seed: int = 0) -> list[It
     refs = {}
     ref_path = Path(directory) / "mt_bench_reference_answers_gpt4.jsonl"
     if ref_path.is_file():
-        for r in _jsonl(ref_path):
-            refs[r["question_id"]] = r["choices"][0]["turns"]
+        for where, r in _jsonl(ref_path):
+            _need(where, r, question_id=(int, str), choices=list)
+            if not r["choices"] or not isinstance(r["choices"][0], dict):
+                raise DataError(f"{where}: 'choices' must hold a mapping with 'turns'")
+            refs[r["question_id"]] = _strings(where, r["choices"][0], "turns")
     items = []
-    for r in _jsonl(_file(directory, "mt_bench_questions.jsonl")):
-        if r.get("category") not in MT_BENCH_CATEGORIES or len(r.get("turns", [])) != 2:
-            raise DataError(f"mt_bench_questions.jsonl: question {r.get('question_id')} is malformed")
-        reference = r.get("reference") or refs.get(r["question_id"], [])
-        items.append(Item(f"mt{r['question_id']}", "mtbench", r["category"], list(r["turns"]),
-                          reference=list(reference)))
+    for where, r in _jsonl(_file(directory, "mt_bench_questions.jsonl")):
+        _need(where, r, question_id=(int, str), category=str)
+        turns = _strings(where, r, "turns", 2)
+        if r["category"] not in MT_BENCH_CATEGORIES:
+            raise DataError(f"{where}: unknown category {r['category']!r}; expected one of {MT_BENCH_CATEGORIES}")
+        reference = _strings(where, r, "reference") if r.get("reference") else refs.get(r["question_id"], [])
+        items.append(Item(f"mt{r['question_id']}", "mtbench", r["category"], turns, reference=reference))
     return stratified(items, limit, seed)
 
 
 def load_judge_prompts(directory) -> dict[str, dict]:
-    return {r["name"]: r for r in _jsonl(_file(directory, "mt_bench_judge_prompts.jsonl"))}
+    prompts = {}
+    for where, r in _jsonl(_file(directory, "mt_bench_judge_prompts.jsonl")):
+        _need(where, r, name=str, system_prompt=str, prompt_template=str)
+        prompts[r["name"]] = r
+    return prompts
 
 
 def mmlu_categories() -> dict[str, str]:
@@ -129,14 +179,15 @@ def mmlu_categories() -> dict[str, str]:
 def load_mmlu(directory, limit: int | None = None, seed: int = 0, split: str = "test") -> list[Item]:
     table = mmlu_categories()
     items = []
-    for i, r in enumerate(_jsonl(_file(directory, f"mmlu_subset_{split}.jsonl"))):
-        subject = r["subject"]
-        if subject not in table:
-            raise DataError(f"mmlu_subset_{split}.jsonl: unknown subject {subject!r}")
-        if len(r["choices"]) != 4 or r["answer"] not in (0, 1, 2, 3):
-            raise DataError(f"mmlu_subset_{split}.jsonl row {i + 1}: needs 4 choices and an answer 0-3")
-        items.append(Item(f"mmlu-{split}-{i}", "mmlu", table[subject], [r["question"]], choices=list(r["choices"]),
-                          answer=int(r["answer"]), subject=subject))
+    for i, (where, r) in enumerate(_jsonl(_file(directory, f"mmlu_subset_{split}.jsonl"))):
+        _need(where, r, subject=str, question=str, answer=int)
+        choices = _strings(where, r, "choices", 4)
+        if r["subject"] not in table:
+            raise DataError(f"{where}: unknown subject {r['subject']!r}")
+        if r["answer"] not in (0, 1, 2, 3):
+            raise DataError(f"{where}: 'answer' must be 0-3 (the index of the right choice), got {r['answer']}")
+        items.append(Item(f"mmlu-{split}-{i}", "mmlu", table[r["subject"]], [r["question"]], choices=choices,
+                          answer=r["answer"], subject=r["subject"]))
     # Stratify by subject so every subject (and so every super-category) is represented.
     return stratified(items, limit, seed, by="subject")
 
@@ -148,20 +199,24 @@ def load_safety(directory, limits: dict, seed: int = 0) -> list[Item]:
 
 def load_harmbench(directory, limit: int | None = None, seed: int = 0) -> list[Item]:
     items = []
-    with open(_file(directory, "harmbench_behaviors.csv"), newline="") as f:
-        for r in csv.DictReader(f):
-            text = r["Behavior"]
-            if r.get("ContextString"):
-                text = f"{r['ContextString']}\n\n---\n\n{text}"  # context goes before the request
-            items.append(Item(f"hb-{r['BehaviorID']}", "harmbench", "harmbench", [text],
-                              subject=r["FunctionalCategory"] or "standard"))
+    path = _file(directory, "harmbench_behaviors.csv")
+    for _, r in _csv(path, ("Behavior", "FunctionalCategory", "ContextString", "BehaviorID")):
+        text = r["Behavior"]
+        if r["ContextString"]:
+            text = f"{r['ContextString']}\n\n---\n\n{text}"  # context goes before the request
+        items.append(Item(f"hb-{r['BehaviorID']}", "harmbench", "harmbench", [text],
+                          subject=r["FunctionalCategory"] or "standard"))
     return stratified(items, limit, seed, by="subject")  # standard / contextual / copyright
 
 
 def _string_list(directory, name: str, bench: str, prefix: str, limit, seed) -> list[Item]:
-    data = json.loads(_file(directory, name).read_text())
+    path = _file(directory, name)
+    try:
+        data = json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-        raise DataError(f"{name}: expected a JSON list of strings")
+        raise DataError(f"{path}: expected a JSON list of strings")
     items = [Item(f"{prefix}-{i}", bench, bench, [t]) for i, t in enumerate(data)]
     return stratified(items, limit, seed)
 
@@ -176,11 +231,10 @@ def load_pku(directory, limit: int | None = None, seed: int = 0) -> list[Item]:
 
 def load_xstest(directory, limit: int | None = None, seed: int = 0) -> list[Item]:
     items = []
-    with open(_file(directory, "xstest_prompts.csv"), newline="") as f:
-        for r in csv.DictReader(f):
-            if r["label"] not in ("safe", "unsafe"):
-                raise DataError(f"xstest_prompts.csv row {r.get('id')}: label must be safe or unsafe")
-            items.append(Item(f"xs-{r['id']}", "xstest", f"xstest_{r['label']}", [r["prompt"]], label=r["label"]))
+    for where, r in _csv(_file(directory, "xstest_prompts.csv"), ("id", "prompt", "label")):
+        if r["label"] not in ("safe", "unsafe"):
+            raise DataError(f"{where}: label must be safe or unsafe, got {r['label']!r}")
+        items.append(Item(f"xs-{r['id']}", "xstest", f"xstest_{r['label']}", [r["prompt"]], label=r["label"]))
     return stratified(items, limit, seed)
 
 

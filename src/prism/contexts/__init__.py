@@ -22,7 +22,7 @@ from typing import Iterable
 
 import yaml
 
-from prism.errors import PersonaError
+from prism.errors import PersonaError, yaml_problem
 
 LENGTHS = ("long", "short", "minimal")
 KINDS = ("persona", "memory", "instructions", "tools", "passage")
@@ -155,7 +155,7 @@ def _parse_file(path: Path) -> list[Context]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise PersonaError(f"{path}: not valid YAML ({e})") from None
+        raise PersonaError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     if data is None:
         raise PersonaError(f"{path}: the file is empty")
     entries = data if isinstance(data, list) else [data]

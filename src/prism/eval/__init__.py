@@ -23,7 +23,11 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
     s = settings or load_eval_config(preset, config_file, overrides)
     if run_dir is None and model is None and chat_model is None:
         raise ValueError("give a run directory, or --model for base/persona rows only")
+    if run_dir is None and out is None:
+        raise ValueError("--out is needed when no run directory is given")
     data_dir = str(s.data or default_dir())
+    if s.suite == "paper":
+        check_data(data_dir, s)  # a missing or malformed file fails now, not after the model loaded
     prism = None
     if run_dir is not None:
         from prism.routed import PrismModel
@@ -42,8 +46,6 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
     else:
         from prism.model import load_model
 
-        if out is None:
-            raise ValueError("--out is needed when no run directory is given")
         chat = chat_model or load_model(model)
         registry = ContextRegistry.builtin()
         fingerprint = {"model": chat.source}
@@ -59,6 +61,24 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
                             s.suite_mtbench, s.seed, s.n_boot, quiet, s.suite_limit).run()
     systems = Systems(chat, prism, registry, s.persona_map, s.persona_length, s.placement)
     return Evaluator(systems, s, data_dir, out, quiet=quiet).run(fingerprint)
+
+
+def check_data(data_dir: str, s: EvalConfig) -> None:
+    """Read every benchmark file the evaluation will use (a DataError names the file and line)."""
+    from prism.bench import data as D
+
+    for bench in s.benchmarks:
+        if bench == "mtbench":
+            D.load_mt_bench(data_dir)
+            D.load_judge_prompts(data_dir)
+        elif bench == "mmlu":
+            D.load_mmlu(data_dir, split="test")
+            if s.mmlu_shots:
+                D.load_mmlu(data_dir, split="dev")
+        elif bench == "safety":
+            D.load_safety(data_dir, {})
+        else:
+            D.load_xstest(data_dir)
 
 
 __all__ = ["run_eval", "EvalConfig", "load_eval_config"]

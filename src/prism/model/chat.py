@@ -95,6 +95,11 @@ class ChatModel:
         return next(self.model.parameters()).device
 
     @property
+    def context_length(self) -> int:
+        """Tokens the model attends over (prompt + reply); 2048 when its config does not say."""
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+
+    @property
     def dtype_name(self) -> str:
         """The weights' precision as a name ("float32", "bfloat16", ...)."""
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")

@@ -16,7 +16,7 @@ import torch
 
 from prism.config import EMBEDDED_MODEL
 from prism.errors import ModelLoadError
-from prism.io import atomic_directory, atomic_write_text
+from prism.io import atomic_directory, atomic_write_text, exclusive_lock
 from prism.model.chat import DTYPES, ChatModel
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,30 @@ def embedded_gguf_path() -> Path:
 
 def embedded_model_dir() -> Path:
     """Dequantize the embedded GGUF once into a safetensors checkpoint and return its folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = embedded_gguf_path()
     stat = gguf.stat()
     target = cache_dir() / "models" / EMBEDDED_NAME
     stamp = target / STAMP
     key = {"gguf": str(gguf), "size": stat.st_size, "mtime": int(stat.st_mtime)}
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+    if _stamped(stamp, key):
         return target
+    # Two processes starting at once: the second waits for the first's conversion, then uses it.
+    with exclusive_lock(target.with_name(f".{target.name}.lock")):
+        if not _stamped(stamp, key):
+            _dequantize(gguf, target, key)
+    return target
+
+
+def _stamped(stamp: Path, key: dict) -> bool:
+    try:
+        return json.loads(stamp.read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _dequantize(gguf: Path, target: Path, key: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("dequantizing %s into %s (once)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -104,7 +119,6 @@ def embedded_model_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         atomic_write_text(tmp / STAMP, json.dumps({"key": key, "sha256": sha256_file(gguf)}))
-    return target
 
 
 def embedded_source() -> dict:

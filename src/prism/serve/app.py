@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prism.routed import PrismModel
 from prism.serve import protocol as P
@@ -27,6 +27,10 @@ class ServeOptions(P.HttpOptions):
     max_batch: int = 16  # requests decoded together
     max_queue: int = 64  # waiting requests beyond this get 503
     batch_wait: float = 0.01  # seconds an idle worker waits for more requests to batch
+
+    def __post_init__(self):
+        super().__post_init__()
+        P.at_least(self, max_batch=1, max_queue=1, batch_wait=0)
 
 
 def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAPI:
@@ -42,7 +46,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
         yield
         batcher.stop()
 
-    app = P.new_app("prism", lifespan)
+    app = P.new_app("prism", lifespan, opts)
     app.state.batcher = batcher
 
     @app.get("/health")
@@ -59,20 +63,24 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _reply(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=True))
+        return await _reply(request, await P.parse_request(request, prism, opts, chat=True))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _reply(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=False))
+        return await _reply(request, await P.parse_request(request, prism, opts, chat=False))
 
-    async def _reply(parsed: P.Parsed):
-        """Stream the job, or wait for it and answer in the chat or completion format."""
+    async def _reply(request: Request, parsed: P.Parsed):
+        """Stream the job, or wait for it and answer in the chat or completion format. A client
+        that disconnects while its request waits or runs leaves the batch at the next step."""
         req, chat = parsed.req, parsed.chat
-        job, prompt_tokens, info = await _start(parsed)
-        rid = P.new_id("chatcmpl" if chat else "cmpl")
-        if req.stream:
-            return _stream(job, req, rid, prompt_tokens, info, chat=chat)
-        text, reason, n = await _collect(job)
+        try:
+            job, prompt_tokens, info = await P.unless_client_leaves(request, _start(parsed))
+            rid = P.new_id("chatcmpl" if chat else "cmpl")
+            if req.stream:  # from here on the streaming response notices a disconnect itself
+                return _stream(job, req, rid, prompt_tokens, info, chat=chat)
+            text, reason, n = await P.unless_client_leaves(request, _collect(job))
+        except P.ClientGone:
+            return Response(status_code=499)  # no one reads it
         body = P.reply_body(chat, rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
         return JSONResponse(body, headers=P.route_headers(info))
 
@@ -91,7 +99,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
         try:
             kind, payload = await job.events.get()
         except asyncio.CancelledError:
-            job.cancelled = True
+            job.cancel()
             raise
         if kind == "error":
             raise P.ApiError(500, payload, "server_error")
@@ -113,7 +121,7 @@ async def _collect(job: Job) -> tuple[str, str, int]:
                 raise P.ApiError(500, payload, "server_error")
     finally:
         if not job.finished:  # the client went away: free the batch slot
-            job.cancelled = True
+            job.cancel()
 
 
 def _stream(job: Job, req: P.SamplingFields, rid: str, prompt_tokens: int, info: dict, chat: bool):
@@ -151,7 +159,7 @@ def _stream(job: Job, req: P.SamplingFields, rid: str, prompt_tokens: int, info:
                     return
         finally:
             if not job.finished:  # client disconnected mid-stream: stop generating for it
-                job.cancelled = True
+                job.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**P.route_headers(info), "cache-control": "no-cache"})

@@ -42,6 +42,14 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     finished: bool = False
+    row: Row | None = None  # set while it is decoded
+    tokens_at_cancel: int = 0
+
+    def cancel(self) -> None:
+        """The client left: the worker drops the job from its queue or batch at the next step."""
+        if not self.cancelled and not self.finished:
+            self.tokens_at_cancel = self.row.n_tokens if self.row else 0
+            self.cancelled = True
 
     def send(self, kind: str, payload) -> None:
         if kind in ("done", "error"):
@@ -58,8 +66,13 @@ class Batcher:
         self.max_batch = max_batch
         self.batch_wait = batch_wait
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        # cancelled: requests whose client left mid-generation; tokens_after_cancel: what the worker
+        # still generated for them after they left (at most one decode step each, so the most for
+        # one request, max_tokens_after_cancel, is at most 1); cancelled_queued: clients that left
+        # while their request waited in the queue (it never ran).
         self.stats = {"requests": 0, "rejected": 0, "batches": 0, "largest_batch": 0, "forward_passes": 0,
-                      "completion_tokens": 0, "errors": 0}
+                      "completion_tokens": 0, "errors": 0, "cancelled": 0, "tokens_after_cancel": 0,
+                      "max_tokens_after_cancel": 0, "cancelled_queued": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prism-batcher", daemon=True)
 
@@ -95,7 +108,9 @@ class Batcher:
                 batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        return [j for j in batch if not j.cancelled]  # clients that left while queued
+        live = [j for j in batch if not j.cancelled]  # not the clients that left while queued
+        self.stats["cancelled_queued"] += len(batch) - len(live)
+        return live
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -129,7 +144,17 @@ class Batcher:
     def _row(self, job: Job) -> Row:
         def finish(reason: str, n: int) -> None:
             self.stats["completion_tokens"] += n
+            if reason == "cancelled" and job.cancelled:
+                self.stats["cancelled"] += 1
+                self.stats["tokens_after_cancel"] += n - job.tokens_at_cancel
+                self.stats["max_tokens_after_cancel"] = max(self.stats["max_tokens_after_cancel"],
+                                                            n - job.tokens_at_cancel)
             job.send("done", (reason, n))
 
-        return Row(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text), finish=finish,
-                   cancelled=lambda: job.cancelled or self._stop.is_set())  # shutdown ends batches
+        def fail() -> None:
+            self.stats["errors"] += 1
+            job.send("error", "internal error while generating this reply")
+
+        job.row = Row(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text), finish=finish,
+                      cancelled=lambda: job.cancelled or self._stop.is_set(), fail=fail)  # shutdown ends batches
+        return job.row

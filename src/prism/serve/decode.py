@@ -10,6 +10,7 @@ the batch (and from the cache) so it costs nothing afterwards.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -18,11 +19,16 @@ import torch
 
 from prism.model.batching import cache_kwarg, output_cache, pad
 
+log = logging.getLogger("prism.serve")
+
+
+GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing by it overflows), as in vLLM
+
 
 @dataclass
 class Sampling:
     max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
@@ -81,6 +87,7 @@ class Row:
     emit: Callable[[str], None]  # a text delta
     finish: Callable[[str, int], None]  # finish_reason ("stop"/"length"/"cancelled"), tokens generated
     cancelled: Callable[[], bool] = lambda: False
+    fail: Callable[[], None] = lambda: None  # this row hit an error; the rest of the batch goes on
     n_tokens: int = 0
     stream: TextStream | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
@@ -88,7 +95,7 @@ class Row:
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
     """One token from one row's logits: greedy, or temperature + nucleus (top_p) sampling."""
-    if s.temperature == 0:
+    if s.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float().cpu() / s.temperature, dim=-1)
     if s.top_p < 1.0:
@@ -105,12 +112,9 @@ def decode_batch(chat_model, rows: list[Row]) -> int:
     lm, tok = chat_model.model, chat_model.tokenizer
     dev = chat_model.device
     stop_ids = set(chat_model.stop_ids)  # eos and the template's end-of-turn token, as in generate()
-    for r in rows:
-        r.stream = TextStream(tok, r.sampling.stop)
-        # A per-request generator: a seeded request samples the same way whatever its batch.
-        r.generator = torch.Generator().manual_seed(
-            r.sampling.seed if r.sampling.seed is not None else random.randrange(2**62))
-
+    rows = [r for r in rows if _guarded(r, _prepare, tok)]
+    if not rows:
+        return 0
     ids, mask, positions = pad([r.prompt_ids for r in rows], tok.pad_token_id)
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -123,22 +127,11 @@ def decode_batch(chat_model, rows: list[Row]) -> int:
         tokens, keep = [], []
         for b, i in enumerate(active):
             r = rows[i]
-            if r.cancelled():
+            if r.cancelled():  # the client left: the row leaves the batch at this step
                 r.finish("cancelled", r.n_tokens)
                 continue
-            t = sample(logits[b], r.sampling, r.generator)
-            if t in stop_ids:
-                _end(r, "stop")
-                continue
-            r.n_tokens += 1
-            delta = r.stream.push(t)
-            if delta:
-                r.emit(delta)
-            if r.stream.stopped:
-                _end(r, "stop")
-            elif r.n_tokens >= r.sampling.max_tokens:
-                _end(r, "length")
-            else:
+            t = _guarded(r, _step, logits[b], stop_ids)
+            if t is not None:
                 tokens.append(t)
                 keep.append(b)
         if not keep:
@@ -155,6 +148,44 @@ def decode_batch(chat_model, rows: list[Row]) -> int:
         cache, logits = output_cache(out), out.logits[:, -1, :]
         next_pos = next_pos + 1
         passes += 1
+
+
+def _guarded(r: Row, fn, *args):
+    """fn(r, *args), or None after failing this row alone when it raises: one request's problem
+    must not fail the others decoded beside it."""
+    try:
+        return fn(r, *args)
+    except Exception:
+        log.exception("a request failed while decoding; the rest of its batch goes on")
+        r.fail()
+        return None
+
+
+def _prepare(r: Row, tok) -> bool:
+    r.stream = TextStream(tok, r.sampling.stop)
+    # A per-request generator: a seeded request samples the same way whatever its batch.
+    r.generator = torch.Generator().manual_seed(
+        r.sampling.seed if r.sampling.seed is not None else random.randrange(2**62))
+    return True
+
+
+def _step(r: Row, logits: torch.Tensor, stop_ids: set[int]) -> int | None:
+    """Sample the row's next token and hand out its text; the token, or None when the row ends."""
+    t = sample(logits, r.sampling, r.generator)
+    if t in stop_ids:
+        _end(r, "stop")
+        return None
+    r.n_tokens += 1
+    delta = r.stream.push(t)
+    if delta:
+        r.emit(delta)
+    if r.stream.stopped:
+        _end(r, "stop")
+    elif r.n_tokens >= r.sampling.max_tokens:
+        _end(r, "length")
+    else:
+        return t
+    return None
 
 
 def _end(r: Row, reason: str) -> None:

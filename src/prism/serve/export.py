@@ -53,9 +53,6 @@ def export_one(run: RunDir, name: str, out: Path, force: bool) -> dict:
     config["layers_to_transform"] = None
     config["layers_pattern"] = None
     config["base_model_name_or_path"] = base_model_location(run.config().model)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise RunError(f"{out} already exists and is not an empty directory; choose another --out or pass --force "
-                       f"(which replaces only {' and '.join(EXPORTED)})")
     # Each file is replaced whole; nothing else in `out` is touched.
     atomic_write_tensors(out / EXPORTED[1], tensors, metadata={"format": "pt"})
     atomic_write_json(out / EXPORTED[0], config)
@@ -69,6 +66,11 @@ def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False) ->
     names, out = run.finished_adapters(), Path(out)
     if out.resolve() == run.path.resolve() or run.path.resolve() in out.resolve().parents:
         raise RunError(f"--out {out} is inside the run directory {run.path}; export somewhere else")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise RunError(f"--out {out} is not empty; choose another directory or pass --force (which replaces only "
+                       f"{' and '.join(EXPORTED)}{' in each adapter folder' if len(names) > 1 else ''})")
     single = len(names) == 1
     exported = {n: export_one(run, n, out if single else out / n, force) for n in names}
     base = base_model_location(run.config().model)

@@ -3,6 +3,8 @@ error bodies, API-key checks, response and SSE chunk builders."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -14,8 +16,10 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prism.errors import ConfigError
 from prism.routed import Route
 
 log = logging.getLogger("prism.serve")
@@ -36,12 +40,31 @@ class HttpOptions:
     default_max_tokens: int = 256
     context_length: int | None = None  # prompt + max_tokens limit; default: the model's
     max_body_bytes: int = 1 << 20
+    # Host names the server answers to besides the loopback ones ("*": any). A web page cannot
+    # then drive a server on loopback through DNS rebinding: its requests carry its own host name.
+    allowed_hosts: tuple[str, ...] = ()
+    body_timeout: float = 30.0  # seconds a client may take to send its request body
+    max_concurrent: int = 512  # HTTP requests in progress (streams included) before 503 answers
+
+    def __post_init__(self):
+        self.allowed_hosts = tuple(self.allowed_hosts)
+        at_least(self, max_tokens_limit=1, default_max_tokens=1, max_body_bytes=1024, body_timeout=0.001,
+                 max_concurrent=1)
+        if self.context_length is not None:
+            at_least(self, context_length=2)
 
 
+def at_least(options, **minimums) -> None:
+    """Start-up checks of server limits: a 0 or negative limit is an error, not "unlimited"."""
+    for name, low in minimums.items():
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{name} ({flag}) must be at least {low}, got {value!r}")
 
 
 def context_length(options: HttpOptions, chat_model) -> int:
-    return options.context_length or int(getattr(chat_model.model.config, "max_position_embeddings", None) or 2048)
+    return options.context_length or chat_model.context_length
 
 
 class ApiError(Exception):
@@ -62,10 +85,63 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
-def new_app(title: str, lifespan) -> FastAPI:
-    """A FastAPI app without generated docs, whose every error leaves as an OpenAI error body;
-    unexpected ones say nothing about internals."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header value, lower case, without port, IPv6 brackets or a final dot."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return (h.rsplit(":", 1)[0] if h.count(":") == 1 else h).rstrip(".")
+
+
+class Guard:
+    """What every request must pass before an endpoint runs (an ASGI middleware):
+    - its Host is one the server answers to (a web page that rebinds its own name to 127.0.0.1
+      sends that name: without this check it could drive a keyless server on loopback);
+    - a POST says its body is JSON (a page can send text/plain across origins without asking
+      first, but not application/json);
+    - fewer than `max_concurrent` requests are in progress (slow clients cannot pile up)."""
+
+    def __init__(self, app, options: HttpOptions):
+        self.app, self.options = app, options
+        self.hosts = {*LOOPBACK_HOSTS, *(host_name(h) for h in options.allowed_hosts)}
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = self.problem(scope)
+        if problem is not None:
+            return await error_response(problem)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def problem(self, scope) -> ApiError | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if "*" not in self.hosts and host_name(host) not in self.hosts:
+            return ApiError(400, f"this server does not answer to the host name {host!r}; start it with "
+                                 "--allowed-host NAME to allow it", param="Host", code="invalid_host")
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and kind != "application/json":
+            return ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}",
+                            param="Content-Type", code="unsupported_media_type")
+        if self.in_flight >= self.options.max_concurrent:
+            return ApiError(503, f"the server is busy ({self.in_flight} requests in progress); retry shortly",
+                            "server_overloaded", code="too_many_requests", headers={"retry-after": "1"})
+        return None
+
+
+def new_app(title: str, lifespan, options: HttpOptions) -> FastAPI:
+    """A FastAPI app without generated docs, behind the Guard, whose every error leaves as an
+    OpenAI error body; unexpected ones say nothing about internals."""
     app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, options=options)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
@@ -96,28 +172,96 @@ def check_api_key(request: Request, api_key: str | None) -> None:
                        "authentication_error", code="invalid_api_key")
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The request body as a JSON object; 413 past `max_bytes`, 400 when it is not JSON."""
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
+
+
+async def unless_client_leaves(request: Request, work):
+    """Await the coroutine `work`, cancelling it as soon as the client disconnects (then raise
+    ClientGone): a client that gave up must not keep the server generating for no one."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled itself
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # let its clean-up (freeing the batch slot) run
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # With the body read, the server's next message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def read_json(request: Request, max_bytes: int, timeout: float) -> dict:
+    """The request body as a JSON object; 413 past `max_bytes`, 408 when it takes longer than
+    `timeout` seconds to arrive, 400 when it is not JSON."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
     body = bytearray()
-    async for part in request.stream():  # also bounds bodies sent without a length
-        body += part
-        if len(body) > max_bytes:
-            raise ApiError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
     try:
-        data = json.loads(body)
+        async with asyncio.timeout(timeout):  # a client trickling its body must not hold a slot forever
+            async for part in request.stream():  # also bounds bodies sent without a length
+                body += part
+                if len(body) > max_bytes:
+                    raise ApiError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} seconds",
+                       code="request_timeout") from None
+    try:
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except ValueError as e:  # NaN/Infinity, or an integer longer than Python converts
+        raise ApiError(400, f"the request body is not usable JSON: {str(e).split(';')[0]}", code="invalid_json") \
+            from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return data
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 # ----- request models ------------------------------------------------------------------------
+# The fields a request may carry, each named once. A request model below declares the fields this
+# server implements. Beyond those:
+# - NO_EFFECT: accepted and ignored (they change nothing here).
+# - UNSUPPORTED: OpenAI features this server lacks, accepted only at the values that leave them
+#   off; any other value is a 400 naming the field, rather than a reply that silently ignored it.
+#   Extending the server means moving a field from here into a model (`logprobs`, `top_logprobs`
+#   and `echo` are planned for lm-eval, issue 14).
+# - anything else is a 400 too, as the OpenAI API answers an unrecognized argument.
+# A null field means its default, as in the OpenAI API.
+NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+UNSUPPORTED: dict[str, tuple] = {
+    "n": (1,), "best_of": (1,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "suffix": ("",), "modalities": (["text"],),
+    "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),  # False == 0: a completion's `logprobs: 0` too
+    "add_special_tokens": (False,),  # prompts are tokenized as sent (the pipeline's generator sends false)
+}
+# The same for each message: `name` changes nothing, a reply's own fields are fine when empty.
+MESSAGE_NO_EFFECT = frozenset({"name", "annotations"})
+MESSAGE_UNSUPPORTED: dict[str, tuple] = {"tool_calls": ([],), "function_call": (), "tool_call_id": (),
+                                         "refusal": (), "audio": ()}
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as vLLM takes
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -137,9 +281,20 @@ class ChatMessage(_Strict):
             raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
         return role
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
+                raise ValueError(f"content part type {part.get('type')!r} is not supported: this server reads "
+                                 "text parts only")
+        return content
+
     def text(self) -> str:
+        """The message text; text parts are joined with newlines (as vLLM does: "Hello" and "world"
+        must not fuse into "Helloworld")."""
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "\n".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -147,11 +302,10 @@ class SamplingFields(_Strict):
     model: str = MODEL_GATED
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2)  # below GREEDY_BELOW (prism.serve.decode): greedy
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request: batching happens across requests
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: dict | None = None
     context: str | None = None  # prism: which context of a gate class to use (e.g. one user's memory)
@@ -205,10 +359,39 @@ class CompletionRequest(SamplingFields):
         return prompts[0]
 
 
+def _without_nulls(data: dict) -> dict:
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _check_fields(data: dict, implemented, no_effect, unsupported: dict, prefix: str = "") -> None:
+    """A 400 naming the first field the server does not know, or knows but cannot honour."""
+    for key, value in data.items():
+        if key in implemented or key in no_effect:
+            continue
+        name = prefix + key
+        if key not in unsupported:
+            raise ApiError(400, f"{name}: unrecognized request argument", param=name, code="unknown_parameter")
+        if not any(value == off for off in unsupported[key]):
+            accepted = " or ".join(json.dumps(v) for v in (*unsupported[key], None))
+            raise ApiError(400, f"{name}: not supported by this server (it accepts only {accepted}); send the "
+                                "request without it", param=name, code="unsupported_parameter")
+
+
 def parse(model_cls: type[BaseModel], data: dict):
     """Validate a request body; the first problem becomes a 400 naming the field."""
+    data = _without_nulls(data)
+    _check_fields(data, model_cls.model_fields, NO_EFFECT, UNSUPPORTED)
+    if isinstance(data.get("messages"), list):
+        messages = []
+        for i, m in enumerate(data["messages"]):
+            if isinstance(m, dict):
+                m = _without_nulls(m)
+                _check_fields(m, ChatMessage.model_fields, MESSAGE_NO_EFFECT, MESSAGE_UNSUPPORTED, f"messages.{i}.")
+                m = {k: v for k, v in m.items() if k in ChatMessage.model_fields}
+            messages.append(m)
+        data["messages"] = messages
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate({k: v for k, v in data.items() if k in model_cls.model_fields})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
@@ -216,6 +399,17 @@ def parse(model_cls: type[BaseModel], data: dict):
         if err["type"] == "missing":
             msg = "is required"
         raise ApiError(400, f"{where}: {msg}", param=where or None) from None
+
+
+def forwarded_fields(req: SamplingFields, data: dict) -> dict:
+    """What the router sends upstream: the validated fields the client set, and the unsupported
+    ones it sent at their "off" value; not the ones without effect (a field the router ignores must
+    not take effect upstream)."""
+    body = req.model_dump(exclude_unset=True, exclude={"messages"})
+    if isinstance(req, ChatRequest):
+        body["messages"] = req.plain_messages()
+    body.update({k: v for k, v in data.items() if k in UNSUPPORTED and v is not None})
+    return body
 
 
 class PromptCounter:
@@ -249,11 +443,11 @@ class Parsed:
         return self.req.context
 
 
-async def parse_request(request: Request, prism, api_key: str | None, max_bytes: int, chat: bool) -> Parsed:
+async def parse_request(request: Request, prism, options: HttpOptions, chat: bool) -> Parsed:
     """Key, body, fields, model id and prompt of a chat or completion request; each problem is a 4xx.
     `prism` is the served PrismModel (its chat template, routing prompt and adapters)."""
-    check_api_key(request, api_key)
-    raw = await read_json(request, max_bytes)
+    check_api_key(request, options.api_key)
+    raw = await read_json(request, options.max_body_bytes, options.body_timeout)
     req = parse(ChatRequest if chat else CompletionRequest, raw)
     forced = check_model(req.model, prism.adapters)
     if req.context is not None and req.context not in prism.adapters:

@@ -3,8 +3,9 @@
 The upstream (e.g. vLLM started with `--enable-lora --lora-modules prism-adapter=DIR`) holds the
 base model and the adapter under two model names. For each request the router computes the gate
 from the embeddings and decoder layer 0 only (the router never loads the rest of the model), then
-forwards the request unchanged except for `model`: the base name or the adapter name. Replies
-and stream chunks come back with the route added (`prism` field, `x-prism-route` header).
+forwards the validated request (the fields the client set, as checked here) with `model` set to
+the base name or the adapter name. Replies and stream chunks come back with the route added
+(`prism` field, `x-prism-route` header).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class RouterOptions(P.HttpOptions):
     upstream_api_key: str | None = None
     timeout: float = 600.0
     max_connections: int = 256  # concurrent upstream requests; vLLM batches them
+
+    def __post_init__(self):
+        super().__post_init__()
+        P.at_least(self, timeout=0.001, max_connections=1)
 
 
 def discover_base(upstream: str, adapter: str, api_key: str | None = None, timeout: float = 10.0) -> str:
@@ -77,7 +82,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
             state["client"] = c
             yield
 
-    app = P.new_app("prism-router", lifespan)
+    app = P.new_app("prism-router", lifespan, opts)
 
     @app.get("/health")
     async def health():
@@ -98,11 +103,19 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _forward(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=True))
+        return await _answer(request, await P.parse_request(request, prism, opts, chat=True))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _forward(await P.parse_request(request, prism, opts.api_key, opts.max_body_bytes, chat=False))
+        return await _answer(request, await P.parse_request(request, prism, opts, chat=False))
+
+    async def _answer(request: Request, parsed: P.Parsed):
+        """Forward the request; a client that leaves first closes the upstream request too (the
+        upstream then stops generating for it)."""
+        try:
+            return await P.unless_client_leaves(request, _forward(parsed))
+        except P.ClientGone:
+            return Response(status_code=499)
 
     def _route(parsed: P.Parsed) -> Route:
         if parsed.forced is not None:
@@ -116,13 +129,14 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
         return opts.upstream_adapter if len(prism.adapters) == 1 else f"prism-{route.adapter}"
 
     async def _forward(parsed: P.Parsed):
-        path, raw, req = ("/chat/completions" if parsed.chat else "/completions"), parsed.raw, parsed.req
+        path, req = ("/chat/completions" if parsed.chat else "/completions"), parsed.req
         state["requests"] += 1
         n_prompt = len(counter.ids(parsed.prompt))
         max_tokens = P.resolve_max_tokens(req, n_prompt, context, opts.max_tokens_limit, opts.default_max_tokens)
         route = await asyncio.to_thread(_route, parsed)
         info = P.route_info(route)
-        body = dict(raw, model=upstream_name(route), max_tokens=max_tokens)
+        # Only what was validated goes upstream: the checks above hold there as well.
+        body = dict(P.forwarded_fields(req, parsed.raw), model=upstream_name(route), max_tokens=max_tokens)
         for key in ("max_completion_tokens", "context"):  # ours, or renamed: the upstream does not take them
             body.pop(key, None)
         client: httpx.AsyncClient = state["client"]

@@ -13,6 +13,8 @@ import time
 
 import uvicorn
 
+from prism.errors import ConfigError
+
 log = logging.getLogger("prism.serve")
 
 
@@ -73,30 +75,44 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The host names a server bound to `host` answers to, besides the loopback ones: `extra`, and
+    a non-loopback bound address itself. An address that binds every interface (0.0.0.0, ::) has
+    no name of its own, so it needs them named."""
+    if host in ("0.0.0.0", "::", "") and not extra:
+        raise ConfigError(f"--host {host or '(all)'} listens on every address: name the host names clients use "
+                          "with --allowed-host NAME (repeatable; '*' accepts any, e.g. behind a proxy that checks it)")
+    return (*extra, *([host] if host not in ("0.0.0.0", "::", "") and not is_loopback(host) else []))
+
+
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           upstream: str | None = None, upstream_base: str | None = None, upstream_adapter: str = "prism-adapter",
-          upstream_api_key: str | None = None, **options) -> None:
+          upstream_api_key: str | None = None, allowed_host: list[str] | None = None, **options) -> None:
     """Load a finished run and serve it until interrupted (the `prism serve` command)."""
     api_key = api_key or os.environ.get("PRISM_API_KEY") or None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    options["allowed_hosts"] = allowed_hosts(host, allowed_host or ())
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    from prism.routed import PrismModel
+
+    # Settings are checked before anything slow (the upstream, the model) is touched.
     if upstream:
-        from prism.routed import PrismModel
         from prism.serve.router import RouterOptions, create_router_app, discover_base
 
         upstream_api_key = upstream_api_key or os.environ.get("PRISM_UPSTREAM_API_KEY") or None
-        base = upstream_base or discover_base(upstream, upstream_adapter, upstream_api_key)
-        prism = PrismModel.load_gate_only(run_dir)
-        opts = RouterOptions(upstream=upstream, upstream_base=base, upstream_adapter=upstream_adapter,
+        opts = RouterOptions(upstream=upstream, upstream_base=upstream_base or "", upstream_adapter=upstream_adapter,
                              upstream_api_key=upstream_api_key, api_key=api_key, **_fields_of(RouterOptions, options))
-        app = create_router_app(prism, opts)
-        log.info("router: gate local, generation on %s (base %r, adapter %r)", upstream, base, upstream_adapter)
+        opts.upstream_base = upstream_base or discover_base(upstream, upstream_adapter, upstream_api_key)
+        app = create_router_app(PrismModel.load_gate_only(run_dir), opts)
+        log.info("router: gate local, generation on %s (base %r, adapter %r)", upstream, opts.upstream_base,
+                 upstream_adapter)
     else:
-        from prism.routed import PrismModel
         from prism.serve.app import ServeOptions, create_app
 
-        prism = PrismModel.load(run_dir)
-        app = create_app(prism, ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options)))
+        opts = ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options))
+        app = create_app(PrismModel.load(run_dir), opts)
     print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {'router' if upstream else 'local'})",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -9,18 +9,20 @@ and step, all safetensors/JSON) lets a killed run continue from the last finishe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
+import zlib
 
 import torch
 from safetensors.torch import load_file
 
 from prism.distill import (build_example, load_optimizer, lora_config, lr_lambda, save_optimizer, student_batch,
                            teacher_topk)
-from prism.io import append_jsonl, atomic_directory, atomic_write_json, atomic_write_tensors, read_jsonl, \
-    recover_directory
+from prism.io import (append_jsonl, atomic_directory, atomic_write_json, atomic_write_tensors, atomic_write_text,
+                      read_jsonl, recover_directory)
 from prism.model import decoder_layers
 from prism.records import SHARED, AnswerRecord
 from prism.stages.context import StageContext
@@ -85,14 +87,16 @@ def run_distill(ctx: StageContext) -> dict:
     )
     facts = {}
     for name, members in adapters(ctx).items():
+        summary = ctx.run.distill_path(name) / "summary.json"
         if (ctx.run.adapter_path(name) / "adapter_config.json").is_file() and name in ctx.run.finished_adapters():
-            continue  # trained by an earlier invocation
+            facts[name] = json.loads(summary.read_text()) if summary.is_file() else {}  # trained before a kill
+            continue
         log.info("stage 5: adapter %r (%s)", name, ", ".join(members))
         facts[name] = distill_adapter(ctx, accelerator, name, distill_examples(ctx, members))
+        if accelerator.is_main_process:
+            atomic_write_json(summary, facts[name])
         ctx.run.finished_adapters(add=name)
-    if ctx.config.adapters == "shared":
-        return facts.get(SHARED) or ctx.run.manifest["stages"].get("distill", {})
-    return {"adapters": {**ctx.run.manifest["stages"].get("distill", {}).get("adapters", {}), **facts}}
+    return facts[SHARED] if ctx.config.adapters == "shared" else {"adapters": facts}
 
 
 def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict:
@@ -117,6 +121,8 @@ def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict
         accelerator.wait_for_everyone()  # the others read the cache only once it is complete
     cache = load_file(str(cache_path)) if examples else {}
 
+    # LoRA's random initialisation: seeded, so a run resumed in a new process trains the same adapter.
+    torch.manual_seed(ctx.config.seed + zlib.crc32(name.encode()))
     peft_model = get_peft_model(base, lora_config(n_layers, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
     try:
         facts = _train(ctx, accelerator, peft_model, examples, cache, pad_id, out,
@@ -124,6 +130,13 @@ def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict
         if accelerator.is_main_process:
             with atomic_directory(ctx.run.adapter_path(name)) as tmp:
                 accelerator.unwrap_model(peft_model).save_pretrained(tmp)
+                # PEFT records where the base weights were loaded from (for the embedded model, this
+                # machine's cache); name the model instead, as the manifest does (it also keeps the hash).
+                config = json.loads((tmp / "adapter_config.json").read_text())
+                config["base_model_name_or_path"] = ctx.model.source["id"]
+                if isinstance(config.get("target_modules"), list):  # PEFT writes a set, in hash order
+                    config["target_modules"] = sorted(config["target_modules"])
+                atomic_write_json(tmp / "adapter_config.json", config)
     finally:
         # Take the LoRA layers out again: the base model object is shared with the caller.
         peft_model.unload()
@@ -159,10 +172,17 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
         start_epoch, step = meta["epochs_done"], meta["step"]
         log.info("stage 5: resuming after epoch %d (step %d)", start_epoch, step)
     losses_path = out / "losses.jsonl"
+    if accelerator.is_main_process:
+        # An epoch's loss is logged before its checkpoint: rows of an epoch that a kill cut short go.
+        logged = read_jsonl(losses_path)
+        kept = [r for r in logged if r.get("epoch", 0) <= start_epoch]
+        if kept != logged:
+            atomic_write_text(losses_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     bar = ctx.progress(total=(cfg.epochs - start_epoch) * len(loader), desc="stage 5/5 distill")
     peft_model.train()
     for epoch in range(start_epoch, cfg.epochs):
         random.seed(ctx.config.seed + epoch)
+        torch.manual_seed(ctx.config.seed + epoch)  # dropout: a resumed epoch draws what the first try drew
         loader_gen = getattr(loader, "generator", None) or getattr(getattr(loader, "base_dataloader", None),
                                                                     "generator", None)
         if loader_gen is not None:
@@ -187,18 +207,16 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
         row = {"epoch": epoch + 1, "step": step, "loss": round(epoch_loss / max(1, n_batches), 5),
                "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
         if accelerator.is_main_process:
+            append_jsonl(losses_path, [row])
             with atomic_directory(ckpt) as tmp:  # a complete checkpoint exists at every moment
                 atomic_write_tensors(tmp / "adapter.safetensors",
                                      {k_: v.detach().cpu() for k_, v in get_state(accelerator.unwrap_model(peft_model)).items()})
                 save_optimizer(opt, sched, tmp, {"epochs_done": epoch + 1, "step": step})
-            append_jsonl(losses_path, [row])  # after the checkpoint: a resumed epoch is not logged twice
         log.info("stage 5: epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, row["loss"])
     bar.close()
     kl_final = mean_kl(peft_model, examples, cache, pad_id, k, temp, cfg.batch_size)
-    losses = list({r["epoch"]: r for r in read_jsonl(losses_path)}.values())  # last row per epoch
+    losses = read_jsonl(losses_path)
     facts = {"examples": len(examples), "trained": True, "kl_initial": round(kl_initial, 5),
              "kl_final": round(kl_final, 5), "epochs": cfg.epochs, "steps": step,
              "epoch_losses": [r["loss"] for r in losses]}
-    if accelerator.is_main_process:
-        atomic_write_json(out / "summary.json", facts)
     return facts
