@@ -65,7 +65,7 @@ class Generation:
 class TokenScores:
     """How likely each scored token was (ChatModel.score_tokens): its log-probability, whether it
     was the most likely token there, the `top` most likely (token id, log-probability) pairs at its
-    position (empty unless asked), and the sum of the log-probabilities."""
+    position (empty lists unless asked), and the sum of the log-probabilities."""
 
     logprobs: list[float]
     greedy: list[bool]
@@ -313,11 +313,12 @@ class ChatModel:
                         at_pos.append(first[b] + k)
                         targets.append(t)
                         slots.append((i, k))
-            at_pos_t, targets_t = torch.tensor(at_pos), torch.tensor(targets)
+            at_pos_t, targets_t = torch.tensor(at_pos, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
             tok_lp, best = torch.empty(len(targets)), torch.empty(len(cols))
             top_lp = torch.empty(len(cols), top)
             top_ids = torch.empty(len(cols), top, dtype=torch.long)
-            for at, logits in chunked_logits(self.model, hidden[torch.tensor(b_of), torch.tensor(cols)]):
+            picked = hidden[torch.tensor(b_of, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
+            for at, logits in chunked_logits(self.model, picked):
                 logp = (logits - logits.logsumexp(-1, keepdim=True)).cpu()
                 end = at + len(logp)
                 best[at:end] = logp.max(-1).values
@@ -331,9 +332,9 @@ class ChatModel:
             for b, r in enumerate(idx):
                 span = slice(first[b], first[b] + scored[r])
                 alternatives = ([list(zip(t, v)) for t, v in zip(top_ids[span].tolist(), top_lp[span].tolist())]
-                                if top else [])
+                                if top else [[] for _ in range(scored[r])])
                 for i in owners_of[r]:
-                    lps = values[i]
+                    lps = values.get(i, [])  # nothing to score: an empty continuation
                     results[i] = TokenScores(lps, [v >= m for v, m in zip(lps, best[span].tolist())], alternatives,
                                              float(sum(lps)))
             if progress is not None:
