@@ -7,7 +7,9 @@ import json
 import math
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
 
 from prism.cli import main
 from prism.config import load_config
@@ -115,19 +117,63 @@ def test_prism_model_scores_mmlu_as_prism_eval_does(mode, in_process, prism_eval
     assert info["routes"] == {"prism_mmlu": {"documents": LIMIT, "shares": shares}}
 
 
-def test_local_completions_on_prism_serve_matches_the_in_process_model(run_dir, data_dir, in_process, offline,
-                                                                        tmp_path):
-    """lm-eval's own OpenAI-completions client scores through echo + logprobs on the real server."""
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """`prism serve` on the run, on a loopback port, with its own model copy."""
     from prism.routed import PrismModel
     from prism.serve.app import ServeOptions, create_app
     from prism.serve.server import BackgroundServer
 
     prism = PrismModel.load(run_dir)
-    prism.model.tokenizer.save_pretrained(tmp_path / "tokenizer")  # lm-eval tokenizes on the client side
-    with BackgroundServer(create_app(prism, ServeOptions(context_length=2048))) as server:
-        args = (f"base_url={server.url}/v1/completions,model=prism,tokenizer={tmp_path / 'tokenizer'},"
-                "tokenizer_backend=huggingface,num_concurrent=8,max_retries=1")
-        results, samples = lm_eval(tmp_path / "out", "local-completions", args, data_dir)
+    with BackgroundServer(create_app(prism, ServeOptions(context_length=2048))) as srv:
+        srv.prism = prism
+        yield srv
+
+
+def complete(server, **body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/completions", json={"model": "prism-base", **body}, timeout=120)
+
+
+def test_completions_score_the_prompt_as_vllm_does(server, embedded):
+    """echo + logprobs + max_tokens 0 scores the prompt; token ids and text are the same prompt."""
+    text = "The capital of France is Paris."
+    ids = embedded.token_ids(text)
+    scored = complete(server, prompt=text, echo=True, logprobs=2, max_tokens=0)
+    assert scored.status_code == 200, scored.text
+    choice = scored.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and "".join(lp["tokens"]) == text and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(ids))]
+    with torch.inference_mode():  # by hand: one forward pass of the base model
+        ref = torch.log_softmax(embedded.model(torch.tensor([ids])).logits[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-3)
+        top = lp["top_logprobs"][i]  # the 2 likeliest tokens there, and the token itself
+        assert embedded.tokenizer.decode([int(ref[i - 1].argmax())]) in top and lp["tokens"][i] in top
+        assert 2 <= len(top) <= 3
+    assert complete(server, prompt=ids, echo=True, logprobs=2, max_tokens=0).json()["choices"][0]["logprobs"] == lp
+    # One generated token (what lm-eval's local-completions asks for): scored after the prompt's.
+    one = complete(server, prompt=ids, echo=True, logprobs=0, max_tokens=1, temperature=0).json()["choices"][0]
+    assert one["logprobs"]["token_logprobs"][:-1] == lp["token_logprobs"]
+    assert one["text"].startswith(text) and len(one["logprobs"]["tokens"]) == len(ids) + 1
+    assert [len(t) for t in one["logprobs"]["top_logprobs"][1:]] == [1] * len(ids)  # logprobs 0: the token only
+    # Each bad scoring request gets one 400 naming its field.
+    bad = [({"prompt": text, "max_tokens": 0}, "max_tokens"), ({"prompt": text, "logprobs": 21}, "logprobs"),
+           ({"prompt": text, "echo": True, "stream": True}, "echo"), ({"prompt": [len(embedded.tokenizer)]}, "prompt"),
+           ({"prompt": [-1]}, "prompt")]
+    for body, param in bad:
+        r = complete(server, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_local_completions_on_prism_serve_matches_the_in_process_model(server, data_dir, in_process, offline,
+                                                                        tmp_path):
+    """lm-eval's own OpenAI-completions client scores through echo + logprobs on the real server."""
+    server.prism.model.tokenizer.save_pretrained(tmp_path / "tokenizer")  # lm-eval tokenizes on the client side
+    args = (f"base_url={server.url}/v1/completions,model=prism,tokenizer={tmp_path / 'tokenizer'},"
+            "tokenizer_backend=huggingface,num_concurrent=8,max_retries=1")
+    results, samples = lm_eval(tmp_path / "out", "local-completions", args, data_dir)
     ref_results, ref_samples = in_process["gated"]
     assert [s["doc"]["id"] for s in samples] == [s["doc"]["id"] for s in ref_samples]
     assert [s["acc"] for s in samples] == [s["acc"] for s in ref_samples]
