@@ -12,9 +12,11 @@ likely letter wins, ties to the first. So with `--apply_chat_template` the accur
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from prism.bench.data import Item, default_dir, load_mmlu
 from prism.bench.scoring import LETTERS, mmlu_question, predicted_letter
+from prism.errors import DataError
 
 # The continuations lm-eval scores for every question, two per letter.
 CHOICES = [spelling for letter in LETTERS for spelling in (letter, " " + letter)]
@@ -26,8 +28,12 @@ def mmlu_dataset(data: str | None = None, **_model_args):
     folder beside or above the working directory. lm-eval also passes the model arguments: unused."""
     import datasets
 
+    path = Path(data or default_dir()) / "mmlu_subset_test.jsonl"
+    if not path.is_file():
+        raise DataError(f"prism_mmlu: {path} not found; name the folder holding it with "
+                        f"--metadata '{{\"data\": \"DIR\"}}' (or set PRISM_BENCHMARKS)")
     rows = [{"id": it.id, "subject": it.subject, "question": it.turns[0], "choices": it.choices, "answer": it.answer}
-            for it in load_mmlu(data or default_dir())]
+            for it in load_mmlu(path.parent)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
