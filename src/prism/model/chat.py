@@ -335,8 +335,9 @@ class ChatModel:
                                 if top else [[] for _ in range(scored[r])])
                 for i in owners_of[r]:
                     lps = values.get(i, [])  # nothing to score: an empty continuation
+                    total = float(torch.tensor(lps, dtype=torch.float32).sum())  # float32, as the scores are
                     results[i] = TokenScores(lps, [v >= m for v, m in zip(lps, best[span].tolist())], alternatives,
-                                             float(sum(lps)))
+                                             total)
             if progress is not None:
                 progress.update(sum(len(owners_of[r]) for r in idx))
         return results  # type: ignore[return-value]
