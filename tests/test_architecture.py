@@ -23,7 +23,7 @@ LAYERS = [
     ("prism.pipeline",),
     ("prism.routed",),
     ("prism.bench",),
-    ("prism.eval", "prism.study", "prism.serve"),
+    ("prism.eval", "prism.study", "prism.serve", "prism.lmeval"),
     ("prism.cli",),
     ("prism",),  # the package's public API
 ]

@@ -360,6 +360,10 @@ def chat(**fields) -> dict:
     return {"model": "prism-base", "messages": USER, "max_tokens": 2, **fields}
 
 
+def complete(**fields) -> dict:
+    return {"model": "prism-base", "prompt": "Hi", "max_tokens": 2, **fields}
+
+
 DEEP = b'{"messages": ' + b"[" * 40_000 + b"]" * 40_000 + b"}"
 HTTP = [  # (id, path, body: dict or raw bytes, extra headers, status, the message must match)
     ("body not JSON", "/v1/chat/completions", b'{"messages": [', {}, 400, r"not valid JSON"),
@@ -396,19 +400,28 @@ HTTP = [  # (id, path, body: dict or raw bytes, extra headers, status, the messa
      r"^tools: not supported by this server"),
     ("response_format json", "/v1/chat/completions", chat(response_format={"type": "json_object"}), {}, 400,
      r"^response_format: not supported"),
-    ("logprobs true", "/v1/chat/completions", chat(logprobs=True, top_logprobs=2), {}, 400,
+    ("chat logprobs true", "/v1/chat/completions", chat(logprobs=True, top_logprobs=2), {}, 400,
      r"^logprobs: not supported"),
+    ("chat echo", "/v1/chat/completions", chat(echo=True), {}, 400, r"^echo: not supported"),
     ("n 2", "/v1/chat/completions", chat(n=2), {}, 400, r"^n: not supported .*only 1"),
     ("unknown argument", "/v1/chat/completions", chat(temprature=0.5), {}, 400, r"^temprature: unrecognized"),
     ("unknown context", "/v1/chat/completions", chat(model="prism", context="nobody"), {}, 400,
      r"context 'nobody' is not one of this run's adapters"),
     ("unknown model", "/v1/chat/completions", chat(model="gpt-9"), {}, 404, r"model 'gpt-9' does not exist"),
-    ("completions best_of 3", "/v1/completions", {"model": "prism-base", "prompt": "Hi", "best_of": 3}, {}, 400,
-     r"^best_of: not supported"),
-    ("completions echo", "/v1/completions", {"model": "prism-base", "prompt": "Hi", "echo": True}, {}, 400,
-     r"^echo: not supported"),
-    ("completions two prompts", "/v1/completions", {"model": "prism-base", "prompt": ["a", "b"]}, {}, 400,
-     r"one prompt per request"),
+    ("completions best_of 3", "/v1/completions", complete(best_of=3), {}, 400, r"^best_of: not supported"),
+    ("completions logprobs 21", "/v1/completions", complete(logprobs=21), {}, 400,
+     r"^logprobs: .*less than or equal to 20"),
+    ("completions top_logprobs", "/v1/completions", complete(logprobs=2, top_logprobs=2), {}, 400,
+     r"^top_logprobs: not supported"),  # a completion asks for its top-N with `logprobs: N`
+    ("completions echo streamed", "/v1/completions", complete(echo=True, logprobs=1, stream=True), {}, 400,
+     r"^echo: is not supported with stream"),
+    ("completions max_tokens 0 without echo", "/v1/completions", complete(logprobs=1, max_tokens=0), {}, 400,
+     r"between 1 and 64, got 0 \(0 only scores the prompt: it needs echo"),
+    ("completions token id outside the vocabulary", "/v1/completions", complete(prompt=[1, 10**9]), {}, 400,
+     r"^prompt: token id 1000000000 is not in the vocabulary"),
+    ("completions negative token id", "/v1/completions", complete(prompt=[5, -1]), {}, 400,
+     r"^prompt: token ids cannot be negative"),
+    ("completions two prompts", "/v1/completions", complete(prompt=["a", "b"]), {}, 400, r"one prompt per request"),
     ("foreign Host (DNS rebinding)", "/v1/chat/completions", chat(), {"host": "evil.example"}, 400,
      r"does not answer to the host name 'evil\.example'"),
     ("text/plain body (cross-site form)", "/v1/chat/completions", chat(), {"content-type": "text/plain"}, 415,
@@ -477,6 +490,10 @@ def test_a_bad_request_fails_only_itself_and_nulls_mean_default(server):
     joined = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
                         json=chat(messages=[{"role": "user", "content": "Hello\nworld"}], temperature=0), timeout=60)
     assert with_parts.json()["usage"] == joined.json()["usage"]
+    plain, nulls = (httpx.post(server.url + "/v1/completions", headers={"authorization": f"Bearer {KEY}"},
+                               json=complete(temperature=0, **extra), timeout=60).json()["choices"][0]
+                    for extra in ({}, {"echo": None, "logprobs": None, "top_logprobs": None}))
+    assert nulls == plain and plain["logprobs"] is None and plain["text"]
 
 
 def test_clients_that_leave_stop_costing_tokens(server):

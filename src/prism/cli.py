@@ -15,6 +15,7 @@ from prism.config import EVAL_PRESETS, PRESETS, STAGES, STUDY_PRESETS
 from prism.errors import PrismError
 
 EXIT_USAGE = 2
+LM_EVAL = "lm-eval"
 
 
 # ----- the flag vocabulary: each flag is defined once and means the same in every subcommand ------
@@ -400,10 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 p.add_argument(arg[0], **arg[1])
         p.set_defaults(fn=fn, **({"quiet": True} if name in QUIET_BY_DEFAULT else {}))
+    # Listed for --help only: main() hands `prism lm-eval ...` to lm-eval's own parser.
+    sub.add_parser(LM_EVAL, add_help=False, help="lm-evaluation-harness with the `prism` model registered: "
+                   "prism lm-eval run --model prism --model_args run=RUN_DIR --tasks ... (needs the lmeval extra)")
     return parser
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    from prism.lmeval import main as lm_eval_main
+
+    return lm_eval_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [LM_EVAL]:  # lm-eval's own arguments follow: its parser reads them, not ours
+        try:
+            return cmd_lm_eval(argv[1:])
+        except PrismError as e:
+            print(f"prism: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:

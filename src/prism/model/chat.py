@@ -61,6 +61,18 @@ class Generation:
     n_tokens: int
 
 
+@dataclass
+class TokenScores:
+    """How likely each scored token was (ChatModel.score_tokens): its log-probability, whether it
+    was the most likely token there, the `top` most likely (token id, log-probability) pairs at its
+    position (empty lists unless asked), and the sum of the log-probabilities."""
+
+    logprobs: list[float]
+    greedy: list[bool]
+    top: list[list[tuple[int, float]]]
+    total: float
+
+
 class ChatModel:
     """A causal LM with its tokenizer, used by every stage.
 
@@ -158,11 +170,14 @@ class ChatModel:
         raise ValueError("placement 'user' needs at least one user message")
 
     def prompt(
-        self, messages: Sequence[dict], persona: str | None = None, placement: Placement = "system"
+        self, messages: Sequence[dict], persona: str | None = None, placement: Placement = "system",
+        continue_last: bool = False,
     ) -> str:
-        """The chat-template string for `messages`, ending where the assistant starts writing."""
+        """The chat-template string for `messages`, ending where the assistant starts writing; with
+        `continue_last`, ending inside the last (assistant) message, so a reply continues it."""
         msgs = self.messages_with_persona(messages, persona, placement)
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not continue_last,
+                                                  continue_final_message=continue_last)
 
     def user_prompt(self, text: str, persona: str | None = None, placement: Placement = "system") -> str:
         return self.prompt([{"role": "user", "content": text}], persona, placement)
@@ -253,49 +268,83 @@ class ChatModel:
         mask = torch.cat([p_mask[which], r_mask], dim=1).to(dev)
         return ids, mask, cache
 
-    @torch.inference_mode()
     def continuation_logprobs(
         self, prompts: Sequence[str], continuations: Sequence[str], progress=None
     ) -> list[tuple[float, int]]:
-        """Sum of log p(continuation | prompt) and its token count, for each pair.
-
-        Rows are left-padded so every continuation ends at the last position; only the positions
-        that predict a continuation token are projected to the vocabulary, a chunk at a time.
-        """
+        """Sum of log p(continuation | prompt) and its token count, for each pair (each text
+        tokenized on its own; an empty continuation scores the end-of-sequence token)."""
         assert len(prompts) == len(continuations)
-        results: list[tuple[float, int] | None] = [None] * len(prompts)
-        pieces = []
-        for p, c in zip(prompts, continuations):
-            p_ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            c_ids = self.tokenizer(c, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
-            pieces.append((p_ids, c_ids))
-        order = sorted(range(len(pieces)), key=lambda i: len(pieces[i][0]) + len(pieces[i][1]))
-        pad_id = self.tokenizer.pad_token_id
+        pieces = [(self.token_ids(p), self.token_ids(c) or [self.tokenizer.eos_token_id])
+                  for p, c in zip(prompts, continuations)]
+        return [(s.total, len(s.logprobs)) for s in self.score_tokens(pieces, progress=progress)]
+
+    @torch.inference_mode()
+    def score_tokens(self, pieces: Sequence[tuple[Sequence[int], Sequence[int]]], top: int = 0, progress=None
+                     ) -> list[TokenScores]:
+        """The log-probability of each continuation token after its context, for (context ids,
+        continuation ids) pairs; with `top`, also the `top` most likely tokens at each of those
+        positions. A context needs at least one token.
+
+        Pieces that share a context and score one token each (the choices of a multiple-choice
+        question) share one forward row. Rows are left-padded so every continuation ends at the
+        last position; only the positions that predict a continuation token are projected to the
+        vocabulary, a chunk at a time.
+        """
+        if any(not ctx for ctx, _ in pieces):
+            raise ValueError("scoring needs at least one context token before the scored tokens")
+        rows: dict[tuple, list[int]] = {}  # one forward row -> the pieces it scores
+        for i, (ctx, cont) in enumerate(pieces):
+            rows.setdefault((tuple(ctx), None if len(cont) == 1 else tuple(cont)), []).append(i)
+        owners_of = list(rows.values())
+        seqs = [list(pieces[owners[0]][0]) + list(pieces[owners[0]][1]) for owners in owners_of]
+        scored = [len(pieces[owners[0]][1]) for owners in owners_of]
+        results: list[TokenScores | None] = [None] * len(pieces)
+        order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            ids, mask, pos = pad([pieces[i][0] + pieces[i][1] for i in idx], pad_id)
+            ids, mask, pos = pad([seqs[r] for r in idx], self.tokenizer.pad_token_id)
             width = ids.shape[1]
             hidden = hidden_states(self.model, ids.to(self.device), mask.to(self.device), pos.to(self.device))
-            # Only the positions that predict a continuation token are projected, in chunks.
-            rows, cols = [], []
-            for r, i in enumerate(idx):
-                n_c = len(pieces[i][1])
-                rows += [r] * n_c
-                cols += list(range(width - n_c - 1, width - 1))
-            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-            targets = ids[rows_t, cols_t + 1].to(self.device)
-            tok_lp = torch.empty(len(rows))
-            for at, logits in chunked_logits(self.model, hidden[rows_t, cols_t]):
-                tgt = targets[at : at + len(logits)]
-                tok_lp[at : at + len(logits)] = (logits.gather(-1, tgt[:, None]).squeeze(-1)
-                                                 - logits.logsumexp(-1)).cpu()
-            at = 0
-            for r, i in enumerate(idx):
-                n_c = len(pieces[i][1])
-                results[i] = (tok_lp[at : at + n_c].sum().item(), n_c)
-                at += n_c
+            # The positions that predict a scored token (row by row), and each piece's targets there.
+            b_of, cols, first = [], [], []
+            for b, r in enumerate(idx):
+                first.append(len(cols))
+                b_of += [b] * scored[r]
+                cols += range(width - scored[r] - 1, width - 1)
+            at_pos, targets, slots = [], [], []  # slots: (piece, token index) per target
+            for b, r in enumerate(idx):
+                for i in owners_of[r]:
+                    for k, t in enumerate(pieces[i][1]):
+                        at_pos.append(first[b] + k)
+                        targets.append(t)
+                        slots.append((i, k))
+            at_pos_t, targets_t = torch.tensor(at_pos, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+            tok_lp, best = torch.empty(len(targets)), torch.empty(len(cols))
+            top_lp = torch.empty(len(cols), top)
+            top_ids = torch.empty(len(cols), top, dtype=torch.long)
+            picked = hidden[torch.tensor(b_of, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
+            for at, logits in chunked_logits(self.model, picked):
+                logp = (logits - logits.logsumexp(-1, keepdim=True)).cpu()
+                end = at + len(logp)
+                best[at:end] = logp.max(-1).values
+                if top:
+                    top_lp[at:end], top_ids[at:end] = logp.topk(top, dim=-1)
+                here = (at_pos_t >= at) & (at_pos_t < end)
+                tok_lp[here] = logp[at_pos_t[here] - at, targets_t[here]]
+            values: dict[int, list[float]] = {}
+            for (i, k), v in zip(slots, tok_lp.tolist()):
+                values.setdefault(i, []).append(v)
+            for b, r in enumerate(idx):
+                span = slice(first[b], first[b] + scored[r])
+                alternatives = ([list(zip(t, v)) for t, v in zip(top_ids[span].tolist(), top_lp[span].tolist())]
+                                if top else [[] for _ in range(scored[r])])
+                for i in owners_of[r]:
+                    lps = values.get(i, [])  # nothing to score: an empty continuation
+                    total = float(torch.tensor(lps, dtype=torch.float32).sum())  # float32, as the scores are
+                    results[i] = TokenScores(lps, [v >= m for v, m in zip(lps, best[span].tolist())], alternatives,
+                                             total)
             if progress is not None:
-                progress.update(len(idx))
+                progress.update(sum(len(owners_of[r]) for r in idx))
         return results  # type: ignore[return-value]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs):

@@ -1,7 +1,8 @@
 """The local server: a finished run behind an OpenAI-compatible API.
 
-Endpoints: POST /v1/chat/completions and /v1/completions (plain or SSE streaming), GET
-/v1/models and /health. The model id picks the route: `prism` lets the gate decide,
+Endpoints: POST /v1/chat/completions and /v1/completions (plain or SSE streaming; completions
+also score: `echo`, `logprobs`, `max_tokens: 0`, token-id prompts, as vLLM), GET /v1/models and
+/health. The model id picks the route: `prism` lets the gate decide,
 `prism-base` and `prism-adapter` force it. Every reply carries the route (`prism` field and
 `x-prism-route` header) and its token usage.
 """
@@ -67,7 +68,7 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _reply(request, await P.parse_request(request, prism, opts, chat=False))
+        return await _reply(request, await P.parse_request(request, prism, opts, chat=False, counter=counter))
 
     async def _reply(request: Request, parsed: P.Parsed):
         """Stream the job, or wait for it and answer in the chat or completion format. A client
@@ -78,19 +79,27 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
             rid = P.new_id("chatcmpl" if chat else "cmpl")
             if req.stream:  # from here on the streaming response notices a disconnect itself
                 return _stream(job, req, rid, prompt_tokens, info, chat=chat)
-            text, reason, n = await P.unless_client_leaves(request, _collect(job))
+            text, reason, n, scores = await P.unless_client_leaves(request, _collect(job))
         except P.ClientGone:
             return Response(status_code=499)  # no one reads it
-        body = P.reply_body(chat, rid, req.model, text, reason, P.usage(prompt_tokens, n), info)
+        logprobs = None
+        if not chat and req.logprobs is not None:  # the prompt's lists (with echo), then the reply's
+            logprobs = P.completion_logprobs([scores[k] for k in ("prompt_logprobs", "logprobs") if k in scores])
+        if not chat and req.echo:
+            text = parsed.prompt + text
+        body = P.reply_body(chat, rid, req.model, text, reason, P.usage(prompt_tokens, n), info, logprobs)
         return JSONResponse(body, headers=P.route_headers(info))
 
     async def _start(parsed: P.Parsed):
         """Check the size, queue the request and wait until it is routed."""
         req = parsed.req
-        ids = counter.ids(parsed.prompt)
+        ids = parsed.prompt_ids or counter.ids(parsed.prompt)
         max_tokens = P.resolve_max_tokens(req, len(ids), context, opts.max_tokens_limit, opts.default_max_tokens)
-        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
-        job = Job(ids, sampling, parsed.forced, parsed.routing, parsed.context, asyncio.get_running_loop())
+        scoring = not parsed.chat and req.logprobs is not None
+        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop_list(),
+                            req.logprobs if scoring else None)
+        job = Job(ids, sampling, parsed.forced, parsed.routing, parsed.context, asyncio.get_running_loop(),
+                  echo=not parsed.chat and req.echo)
         try:
             batcher.submit(job)
         except QueueFull:
@@ -108,15 +117,18 @@ def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAP
     return app
 
 
-async def _collect(job: Job) -> tuple[str, str, int]:
-    parts = []
+async def _collect(job: Job) -> tuple[str, str, int, dict]:
+    """The reply's text, finish reason, token count, and its token scores by event kind."""
+    parts, scores = [], {}
     try:
         while True:
             kind, payload = await job.events.get()
             if kind == "delta":
                 parts.append(payload)
+            elif kind in ("prompt_logprobs", "logprobs"):
+                scores[kind] = payload
             elif kind == "done":
-                return "".join(parts), payload[0], payload[1]
+                return "".join(parts), payload[0], payload[1], scores
             elif kind == "error":
                 raise P.ApiError(500, payload, "server_error")
     finally:

@@ -5,8 +5,10 @@ Requests wait in a bounded queue; when it is full, `submit` refuses at once (the
 thread owns the model: it takes up to `max_batch` queued requests (waiting `batch_wait` seconds
 for company when the queue is short), routes all of them with one layer-0 pass of the gate, then
 decodes the adapter-on group and the adapter-off group as one batch each (the adapter is a switch
-on the whole model, so the two routes cannot share a forward pass). Results travel back to the
-asyncio side of the server as events on each request's own queue.
+on the whole model, so the two routes cannot share a forward pass). Scoring requests (echo with
+logprobs) have their prompt scored in the same worker, per route group, before the group decodes;
+with max_tokens 0 nothing is generated. Results travel back to the asyncio side of the server as
+events on each request's own queue.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from prism.routed import PrismModel, Route
-from prism.serve.decode import Row, Sampling, decode_batch
+from prism.serve.decode import Row, Sampling, decode_batch, logprob_lists
 
 log = logging.getLogger("prism.serve")
 
@@ -31,7 +33,9 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     """One request in flight. Events for the client: ("route", Route), ("delta", str),
-    ("done", (finish_reason, completion_tokens)), ("error", message)."""
+    ("done", (finish_reason, completion_tokens)), ("error", message); with echo and logprobs
+    ("prompt_logprobs", lists) first, and with logprobs ("logprobs", lists) before "done"
+    (lists: serve.decode.logprob_lists)."""
 
     prompt_ids: list[int]
     sampling: Sampling
@@ -39,6 +43,7 @@ class Job:
     routing_prompt: str | None
     context: str | None
     loop: asyncio.AbstractEventLoop
+    echo: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     finished: bool = False
@@ -138,8 +143,26 @@ class Batcher:
             job.send("route", routes[id(job)])
         self.prism._log([routes[id(j)] for j in batch])
         for _, idx in self.prism.grouped([routes[id(j)].adapter for j in batch]):
-            rows = [self._row(batch[i]) for i in idx]
-            self.stats["forward_passes"] += decode_batch(self.prism.model, rows)
+            jobs = [batch[i] for i in idx]
+            self._score_prompts([j for j in jobs if j.echo and j.sampling.logprobs is not None])
+            for job in jobs:
+                if job.sampling.max_tokens == 0:  # scored only
+                    self._row(job).finish("length", 0)
+            rows = [self._row(j) for j in jobs if j.sampling.max_tokens > 0]
+            if rows:
+                self.stats["forward_passes"] += decode_batch(self.prism.model, rows)
+
+    def _score_prompts(self, jobs: list[Job]) -> None:
+        """Each prompt token's log-probability after the tokens before it, and its alternatives."""
+        if not jobs:
+            return
+        model = self.prism.model
+        top = max(j.sampling.logprobs for j in jobs)
+        scores = model.score_tokens([(j.prompt_ids[:1], j.prompt_ids[1:]) for j in jobs], top=top)
+        for job, sc in zip(jobs, scores):
+            alternatives = [None] + [alts[: job.sampling.logprobs] for alts in sc.top]
+            job.send("prompt_logprobs", logprob_lists(model.tokenizer, job.prompt_ids, [None, *sc.logprobs],
+                                                      alternatives))
 
     def _row(self, job: Job) -> Row:
         def finish(reason: str, n: int) -> None:
@@ -149,6 +172,9 @@ class Batcher:
                 self.stats["tokens_after_cancel"] += n - job.tokens_at_cancel
                 self.stats["max_tokens_after_cancel"] = max(self.stats["max_tokens_after_cancel"],
                                                             n - job.tokens_at_cancel)
+            if job.sampling.logprobs is not None:
+                ids, lps, alts = zip(*job.row.scored) if job.row.scored else ((), (), ())
+                job.send("logprobs", logprob_lists(self.prism.model.tokenizer, ids, lps, alts))
             job.send("done", (reason, n))
 
         def fail() -> None:

@@ -32,6 +32,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
 
 
 class TextStream:
@@ -89,6 +90,8 @@ class Row:
     cancelled: Callable[[], bool] = lambda: False
     fail: Callable[[], None] = lambda: None  # this row hit an error; the rest of the batch goes on
     n_tokens: int = 0
+    scored: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)  # with logprobs:
+    # (token, its log-probability, the most likely (token, log-probability) pairs) per generated token
     stream: TextStream | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -176,6 +179,10 @@ def _step(r: Row, logits: torch.Tensor, stop_ids: set[int]) -> int | None:
         _end(r, "stop")
         return None
     r.n_tokens += 1
+    if r.sampling.logprobs is not None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        best, ids = logp.topk(r.sampling.logprobs)
+        r.scored.append((t, float(logp[t]), list(zip(ids.tolist(), best.tolist()))))
     delta = r.stream.push(t)
     if delta:
         r.emit(delta)
@@ -193,3 +200,22 @@ def _end(r: Row, reason: str) -> None:
     if rest:
         r.emit(rest)
     r.finish(reason, r.n_tokens)
+
+
+def logprob_lists(tokenizer, ids: Sequence[int], logprobs: Sequence[float | None],
+                  alternatives: Sequence[Sequence[tuple[int, float]] | None]) -> dict:
+    """OpenAI's legacy completion lists for tokens: each token's text, its log-probability, and a
+    {token text: log-probability} dict of the most likely tokens at its position, the token itself
+    included (as OpenAI and vLLM do). None where nothing was predicted (the prompt's first token)."""
+    tokens = [tokenizer.decode([t]) for t in ids]
+    top: list[dict | None] = []
+    for token, lp, alts in zip(tokens, logprobs, alternatives):
+        if lp is None:
+            top.append(None)
+            continue
+        entry: dict[str, float] = {}
+        for t, v in alts:  # most likely first; two ids with one text keep the likelier
+            entry.setdefault(tokenizer.decode([t]), v)
+        entry.setdefault(token, lp)
+        top.append(entry)
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top}

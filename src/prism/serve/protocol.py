@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +29,7 @@ log = logging.getLogger("prism.serve")
 MODEL_GATED, MODEL_BASE, MODEL_ADAPTER = "prism", "prism-base", "prism-adapter"
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+MAX_LOGPROBS = 20  # top alternatives per token a completion may ask for (vLLM's default limit)
 
 
 @dataclass
@@ -240,8 +241,8 @@ def _no_constant(name: str):
 # - NO_EFFECT: accepted and ignored (they change nothing here).
 # - UNSUPPORTED: OpenAI features this server lacks, accepted only at the values that leave them
 #   off; any other value is a 400 naming the field, rather than a reply that silently ignored it.
-#   Extending the server means moving a field from here into a model (`logprobs`, `top_logprobs`
-#   and `echo` are planned for lm-eval, issue 14).
+#   Extending the server means moving a field from here into a model; a field one model declares
+#   is checked by that model (completions implement `echo` and `logprobs`: N, chat neither).
 # - anything else is a 400 too, as the OpenAI API answers an unrecognized argument.
 # A null field means its default, as in the OpenAI API.
 NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
@@ -250,7 +251,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},),
     "presence_penalty": (0,), "frequency_penalty": (0,), "suffix": ("",), "modalities": (["text"],),
     "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
-    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),  # False == 0: a completion's `logprobs: 0` too
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),  # on chat (a completion's top-N is `logprobs`)
     "add_special_tokens": (False,),  # prompts are tokenized as sent (the pipeline's generator sends false)
 }
 # The same for each message: `name` changes nothing, a reply's own fields are fine when empty.
@@ -345,18 +346,33 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as lm-eval sends them)
     max_tokens: int | None = 16  # the OpenAI default for completions
+    # Scoring, as vLLM and OpenAI's legacy completions do it: `echo` puts the prompt in front of the
+    # reply (and its tokens in front of the logprobs); `logprobs: N` returns each token's
+    # log-probability and the N most likely tokens at its position; max_tokens 0 (with echo) only scores.
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt):
-        prompts = [prompt] if isinstance(prompt, str) else prompt
+        one_text_or_ids = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+        prompts = [prompt] if one_text_or_ids else prompt
         if len(prompts) != 1:
             raise ValueError("send one prompt per request (the server batches requests)")
         if not prompts[0]:
             raise ValueError("the prompt is empty")
+        if isinstance(prompts[0], list) and min(prompts[0]) < 0:
+            raise ValueError("token ids cannot be negative")
         return prompts[0]
+
+    @field_validator("echo", "logprobs")
+    @classmethod
+    def _not_streamed(cls, value, info: ValidationInfo):
+        if info.data.get("stream") and value not in (False, None):
+            raise ValueError("is not supported with stream: true (send stream: false)")
+        return value
 
 
 def _without_nulls(data: dict) -> dict:
@@ -408,7 +424,8 @@ def forwarded_fields(req: SamplingFields, data: dict) -> dict:
     body = req.model_dump(exclude_unset=True, exclude={"messages"})
     if isinstance(req, ChatRequest):
         body["messages"] = req.plain_messages()
-    body.update({k: v for k, v in data.items() if k in UNSUPPORTED and v is not None})
+    body.update({k: v for k, v in data.items() if k in UNSUPPORTED and k not in type(req).model_fields
+                 and v is not None})
     return body
 
 
@@ -425,11 +442,19 @@ class PromptCounter:
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def text(self, ids: list[int]) -> str:
+        """A token-id prompt as text (what the gate reads), after checking the ids exist."""
+        if max(ids) >= len(self.tokenizer):
+            raise ApiError(400, f"prompt: token id {max(ids)} is not in the vocabulary (0-{len(self.tokenizer) - 1})",
+                           param="prompt")
+        return self.tokenizer.decode(ids)
+
 
 @dataclass
 class Parsed:
-    """A valid request: its raw body, its fields, the prompt to generate after, and its route
-    (`forced` True/False by model id, else the gate reads `routing`)."""
+    """A valid request: its raw body, its fields, the prompt to generate after (and its token ids
+    when the client sent ids), and its route (`forced` True/False by model id, else the gate reads
+    `routing`)."""
 
     raw: dict
     req: SamplingFields
@@ -437,15 +462,18 @@ class Parsed:
     prompt: str
     forced: Route | None  # None: the gate decides
     routing: str | None
+    prompt_ids: list[int] | None = None
 
     @property
     def context(self) -> str | None:
         return self.req.context
 
 
-async def parse_request(request: Request, prism, options: HttpOptions, chat: bool) -> Parsed:
+async def parse_request(request: Request, prism, options: HttpOptions, chat: bool,
+                        counter: PromptCounter | None = None) -> Parsed:
     """Key, body, fields, model id and prompt of a chat or completion request; each problem is a 4xx.
-    `prism` is the served PrismModel (its chat template, routing prompt and adapters)."""
+    `prism` is the served PrismModel (its chat template, routing prompt and adapters); `counter`
+    turns a token-id prompt into text."""
     check_api_key(request, options.api_key)
     raw = await read_json(request, options.max_body_bytes, options.body_timeout)
     req = parse(ChatRequest if chat else CompletionRequest, raw)
@@ -454,7 +482,11 @@ async def parse_request(request: Request, prism, options: HttpOptions, chat: boo
         raise ApiError(400, f"context {req.context!r} is not one of this run's adapters ({', '.join(prism.adapters)})",
                        param="context")
     if not chat:  # a raw prompt, already formatted: what the pipeline's generator backend sends
-        return Parsed(raw, req, chat, req.prompt, forced, req.prompt if forced is None else None)
+        ids = req.prompt if isinstance(req.prompt, list) else None
+        if ids is not None and counter is None:
+            raise ApiError(400, "this server takes text prompts only", param="prompt")
+        text = counter.text(ids) if ids is not None else req.prompt
+        return Parsed(raw, req, chat, text, forced, text if forced is None else None, ids)
     messages = req.plain_messages()
     try:
         prompt = prism.model.prompt(messages)
@@ -484,12 +516,16 @@ def check_model(name: str, adapters: list[str]) -> Route | None:
 
 
 def resolve_max_tokens(req: SamplingFields, prompt_tokens: int, context: int, limit: int, default: int) -> int:
-    """max_tokens checked against the server limit (400) and the context left by the prompt (413)."""
+    """max_tokens checked against the server limit (400) and the context left by the prompt (413);
+    0 (score the prompt, generate nothing) only on a completion with echo."""
     asked = req.requested_max_tokens()
-    if asked is not None and not 1 <= asked <= limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {limit}, got {asked}", param="max_tokens")
+    completion = isinstance(req, CompletionRequest)
+    low = 0 if completion and req.echo else 1
+    if asked is not None and not low <= asked <= limit:
+        hint = " (0 only scores the prompt: it needs echo: true)" if completion and asked == 0 else ""
+        raise ApiError(400, f"max_tokens must be between {low} and {limit}, got {asked}{hint}", param="max_tokens")
     room = context - prompt_tokens
-    if room < 1:
+    if room < (0 if asked == 0 else 1):
         raise ApiError(413, f"the prompt has {prompt_tokens} tokens; the context holds {context}",
                        code="context_length_exceeded", param="messages")
     if asked is None:
@@ -529,12 +565,28 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def reply_body(chat: bool, rid: str, model: str, text: str, finish: str, use: dict, info: dict) -> dict:
+def reply_body(chat: bool, rid: str, model: str, text: str, finish: str, use: dict, info: dict,
+               logprobs: dict | None = None) -> dict:
     """A whole reply in the chat or the text-completion wire format."""
     choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{**choice, "finish_reason": finish, "logprobs": None}], "usage": use,
+            "model": model, "choices": [{**choice, "finish_reason": finish, "logprobs": logprobs}], "usage": use,
             "prism": info}
+
+
+def completion_logprobs(parts: list[dict]) -> dict:
+    """A completion's `logprobs` from the prompt's and the reply's token lists (each {tokens,
+    token_logprobs, top_logprobs}), with `text_offset`: where each token's text starts in the
+    concatenated token texts (the echoed prompt, then the reply)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for part in parts:
+        for key in ("tokens", "token_logprobs", "top_logprobs"):
+            out[key] += part[key]
+    offset = 0
+    for token in out["tokens"]:
+        out["text_offset"].append(offset)
+        offset += len(token)
+    return out
 
 
 def reply_chunk(chat: bool, rid: str, model: str, created: int, info: dict, delta: dict | str | None = None,

@@ -1,4 +1,5 @@
 """Router mode: the gate runs here, generation on an upstream OpenAI-compatible server.
+Scoring fields (`echo`, `logprobs`, `max_tokens: 0`, token-id prompts) pass through to the upstream.
 
 The upstream (e.g. vLLM started with `--enable-lora --lora-modules prism-adapter=DIR`) holds the
 base model and the adapter under two model names. For each request the router computes the gate
@@ -107,7 +108,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _answer(request, await P.parse_request(request, prism, opts, chat=False))
+        return await _answer(request, await P.parse_request(request, prism, opts, chat=False, counter=counter))
 
     async def _answer(request: Request, parsed: P.Parsed):
         """Forward the request; a client that leaves first closes the upstream request too (the
@@ -131,7 +132,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
     async def _forward(parsed: P.Parsed):
         path, req = ("/chat/completions" if parsed.chat else "/completions"), parsed.req
         state["requests"] += 1
-        n_prompt = len(counter.ids(parsed.prompt))
+        n_prompt = len(parsed.prompt_ids or counter.ids(parsed.prompt))
         max_tokens = P.resolve_max_tokens(req, n_prompt, context, opts.max_tokens_limit, opts.default_max_tokens)
         route = await asyncio.to_thread(_route, parsed)
         info = P.route_info(route)
