@@ -20,10 +20,10 @@ Results go to OUT/french_transfer.json and are printed as a table.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from prism.bench.data import load_mt_bench
 from prism.bench.stats import paired_diff_ci
 from prism.config import load_config
 from prism.io import atomic_write_json
@@ -31,6 +31,7 @@ from prism.model import load_model
 from prism.contexts import ContextRegistry
 from prism.pipeline import run_pipeline
 from prism.routed import PrismModel
+from prism.judging.sanity import wilson
 from prism.judging.verifiers import is_french
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,15 +40,9 @@ BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 
 
 def heldout_questions(path: Path, limit: int) -> list[str]:
-    rows = [json.loads(line) for line in (path / "mt_bench_questions.jsonl").read_text().splitlines() if line]
-    return [r["turns"][0] for r in rows][:limit]
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    from prism.judging.sanity import wilson as w
-
-    lo, hi = w(k, n)
-    return round(lo, 3), round(hi, 3)
+    """First turns of MT-Bench questions (the project's checked loader; a category-stratified sample
+    when `limit` is below 80)."""
+    return [it.turns[0] for it in load_mt_bench(path, limit)]
 
 
 def main() -> None:
@@ -87,7 +82,7 @@ def main() -> None:
     rates = {}
     for name, texts in outputs.items():
         k = sum(is_french(t) for t in texts)
-        rates[name] = {"french": k, "n": n, "rate": round(k / n, 3), "ci95": wilson(k, n)}
+        rates[name] = {"french": k, "n": n, "rate": round(k / n, 3), "ci95": [round(x, 3) for x in wilson(k, n)]}
     prompted = rates["base+context"]["rate"]
     french = {name: [float(is_french(t)) for t in texts] for name, texts in outputs.items()}
     # Never worse than the better constant rule: paired differences on the same questions.
