@@ -319,7 +319,7 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, args.api_key, upstream=args.upstream, upstream_base=args.upstream_base,
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-          context_length=args.context_length, allowed_host=args.allowed_host)
+          context_length=args.context_length, allowed_host=args.allowed_host, engine=args.engine, gguf=args.gguf)
     return 0
 
 
@@ -370,6 +370,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
         ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
         ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask (default 2048)"}),
         ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's)"}),
+        ("--engine", {"choices": ["auto", "torch", "llamacpp"], "default": "auto",
+                      "help": "what generates: llamacpp (in-process llama.cpp, the gate stays in torch), torch, or "
+                              "auto (llamacpp when it can load the model: the embedded one or --gguf)"}),
+        ("--gguf", {"help": "the run's base model as a GGUF file, for --engine llamacpp (embedded model: automatic)"}),
         ("--upstream", {"help": "router mode: gate here, generate on this OpenAI-compatible server"}),
         ("--upstream-base", {"help": "the upstream's base model name (default: the adapter's parent)"}),
         ("--upstream-adapter", {"default": "prism-adapter", "help": "the upstream's name for the LoRA"}),

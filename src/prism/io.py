@@ -57,6 +57,21 @@ def atomic_write_tensors(path: str | Path, tensors: dict, metadata: dict[str, st
     os.replace(tmp, path)
 
 
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path` for a writer that needs a file name (e.g. a GGUF
+    writer); on success it is renamed over `path`, on an error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _sibling(target: Path, tag: str) -> Path:
     return target.with_name(f"{target.name}.{tag}")
 

@@ -66,7 +66,9 @@ def discover_base(upstream: str, adapter: str, api_key: str | None = None, timeo
 
 
 def create_router_app(prism, options: RouterOptions) -> FastAPI:
-    """`prism` is a PrismModel whose ChatModel may hold only layer 0 (PrismModel.load_gate_only)."""
+    """`prism` is a PrismModel whose ChatModel may hold only layer 0 (PrismModel.load_gate_only).
+    With a llama.cpp engine attached (PrismModel.load_on_engine) the upstream is that engine's
+    in-process server and a route is sent as LoRA scales (`lora`) instead of a model name."""
     opts = options
     base_url = v1_url(opts.upstream)
     context = P.context_length(opts, prism.model)
@@ -74,6 +76,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
     counter = P.PromptCounter(prism.model.tokenizer)
     gate_lock = threading.Lock()  # one gate pass at a time: torch on 2 cores gains nothing from more
     state: dict = {"client": None, "requests": 0, "upstream_errors": 0}
+    engine = getattr(prism, "engine", None)  # the in-process llama.cpp engine (prism serve --engine llamacpp)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -92,7 +95,8 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
             upstream = "ok" if r.status_code == 200 else f"status {r.status_code}"
         except httpx.HTTPError as e:
             upstream = f"unreachable ({type(e).__name__})"
-        return {"status": "ok" if upstream == "ok" else "degraded", "mode": "router", "upstream": base_url,
+        return {"status": "ok" if upstream == "ok" else "degraded", "mode": "router" if engine is None else "llamacpp",
+                "context_length": context, "upstream": base_url,
                 "upstream_status": upstream, "upstream_models": {"base": opts.upstream_base,
                                                                  "adapter": opts.upstream_adapter},
                 "stats": {"requests": state["requests"], "upstream_errors": state["upstream_errors"]}}
@@ -125,13 +129,16 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
             return prism.route_prompts([parsed.routing], [parsed.context])[0]
 
     def upstream_name(route: Route) -> str:
-        if route.adapter is None:
+        if route.adapter is None or engine is not None:
             return opts.upstream_base
         return opts.upstream_adapter if len(prism.adapters) == 1 else f"prism-{route.adapter}"
 
     async def _forward(parsed: P.Parsed):
         path, req = ("/chat/completions" if parsed.chat else "/completions"), parsed.req
         state["requests"] += 1
+        if engine is not None and not parsed.chat and req.echo:
+            raise P.ApiError(400, "echo (scoring the prompt) needs the torch engine: llama.cpp returns no prompt "
+                                  "log-probabilities; start prism serve with --engine torch", param="echo")
         n_prompt = len(parsed.prompt_ids or counter.ids(parsed.prompt))
         max_tokens = P.resolve_max_tokens(req, n_prompt, context, opts.max_tokens_limit, opts.default_max_tokens)
         route = await asyncio.to_thread(_route, parsed)
@@ -140,6 +147,8 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
         body = dict(P.forwarded_fields(req, parsed.raw), model=upstream_name(route), max_tokens=max_tokens)
         for key in ("max_completion_tokens", "context"):  # ours, or renamed: the upstream does not take them
             body.pop(key, None)
+        if engine is not None:  # llama.cpp serves one model: the route is the adapters' scales
+            body["lora"] = engine.lora_field(route.adapter)
         client: httpx.AsyncClient = state["client"]
         try:
             upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
@@ -200,4 +209,12 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
         finally:
             await upstream.aclose()
 
+    app.state.prism = prism  # keeps the engine (and its in-process server) alive with the app
     return app
+
+
+def create_engine_app(prism, options: RouterOptions) -> FastAPI:
+    """`prism serve --engine llamacpp`: the router in front of the PrismModel's own llama.cpp engine."""
+    options.upstream = prism.engine.url
+    options.upstream_base = prism.engine.name
+    return create_router_app(prism, options)

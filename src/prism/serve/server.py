@@ -87,7 +87,8 @@ def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[s
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           upstream: str | None = None, upstream_base: str | None = None, upstream_adapter: str = "prism-adapter",
-          upstream_api_key: str | None = None, allowed_host: list[str] | None = None, **options) -> None:
+          upstream_api_key: str | None = None, allowed_host: list[str] | None = None, engine: str = "auto",
+          gguf: str | None = None, **options) -> None:
     """Load a finished run and serve it until interrupted (the `prism serve` command)."""
     api_key = api_key or os.environ.get("PRISM_API_KEY") or None
     if not 0 <= port <= 65535:
@@ -108,14 +109,31 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         app = create_router_app(PrismModel.load_gate_only(run_dir), opts)
         log.info("router: gate local, generation on %s (base %r, adapter %r)", upstream, opts.upstream_base,
                  upstream_adapter)
+    elif _engine_for(run_dir, engine, gguf) == "llamacpp":
+        from prism.serve.router import RouterOptions, create_engine_app
+
+        slots = options.get("max_batch") or 16
+        prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=slots)
+        opts = RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options))
+        app = create_engine_app(prism, opts)
+        log.info("gate in torch (layer 0), generation on llama.cpp (%s, %d slots)", prism.engine.gguf.name, slots)
     else:
         from prism.serve.app import ServeOptions, create_app
 
         opts = ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options))
         app = create_app(PrismModel.load(run_dir), opts)
-    print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {'router' if upstream else 'local'})",
+    mode = "router" if upstream else "llamacpp" if hasattr(app.state, "prism") else "local"
+    print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {mode})",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def _engine_for(run_dir: str, engine: str, gguf: str | None) -> str:
+    from prism.model.llamacpp import pick_engine
+    from prism.run import RunDir
+
+    config = RunDir(run_dir).require("gate", "distill").config()
+    return pick_engine(engine, config.model, gguf, config.device)
 
 
 def _fields_of(cls, options: dict) -> dict:

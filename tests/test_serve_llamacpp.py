@@ -1,0 +1,115 @@
+"""`prism serve --engine llamacpp`: the server tests of test_serve.py, run again against the
+llama.cpp engine (gate in torch on layer 0, replies from the in-process llama.cpp server with the
+run's adapters as LoRA GGUFs), and what only this engine does: the exported LoRA GGUF computes
+what the PEFT adapter computes, and one bad request never fails the requests beside it."""
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from prism.serve.server import BackgroundServer
+
+pytest.importorskip("xllamacpp", reason="the llamacpp engine needs xllamacpp (pip install 'prism-persona[llamacpp]')")
+
+# The same tests, collected here with this module's `local` fixture (the engine's server).
+from test_serve import (CONTEXT, HELLO, KEY, ERRORS, USER, _post, client,  # noqa: E402,F401
+                        run_dir, test_bad_requests_get_openai_error_bodies, test_chat_plain_reports_route_and_usage,
+                        test_forced_routes_seed_stop_and_length, test_models_completions_and_health,
+                        test_openai_client_raises_typed_errors, test_streaming_gives_the_same_text_as_plain)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local(run_dir):
+    from prism.routed import PrismModel
+    from prism.serve.router import RouterOptions, create_engine_app
+
+    prism = PrismModel.load_on_engine(run_dir, slots=8, context=8192)
+    app = create_engine_app(prism, RouterOptions(api_key=KEY, context_length=CONTEXT, max_tokens_limit=256,
+                                                 max_body_bytes=200_000))
+    with BackgroundServer(app) as server:
+        server.prism, server.app = prism, app
+        yield server
+
+
+def test_health_names_the_engine(local):
+    health = httpx.get(local.url + "/health", timeout=10).json()
+    assert health["mode"] == "llamacpp" and health["upstream_status"] == "ok"
+    assert len(local.prism.model.model.model.layers) == 1  # torch holds the gate's layer 0 only
+
+
+def test_lora_gguf_gives_the_peft_adapters_greedy_tokens(local, run_dir):
+    """The adapter through llama.cpp (LoRA GGUF, f16 base) against torch + PEFT (float32), greedy:
+    the same tokens. With the adapter off, llama.cpp gives the base model's tokens."""
+    from prism.routed import PrismModel
+
+    torch_side = PrismModel.load(run_dir, adapter_mode="lora")
+    questions = ["What is the capital of France?", "Write a haiku about rain.", "Name three primary colors.",
+                 "Give me one tip for sleeping better.", "Explain what a verb is.", "How do I boil an egg?"]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    agree, total = 0, 0
+    for adapter in (True, False):
+        want = torch_side.chat_batch(convs, max_new_tokens=24, adapter=adapter)
+        got = local.prism.chat_batch(convs, max_new_tokens=24, adapter=adapter)
+        for w, g in zip(want, got):
+            a, b = torch_side.model.token_ids(w.text), torch_side.model.token_ids(g.text)
+            agree += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            total += max(len(a), len(b))
+        assert [g.route.adapter for g in got] == [w.route.adapter for w in want]
+    # f16 weights and float32 activations (llama.cpp) vs float32 (torch): measured 100% here
+    assert agree / total >= 0.9, f"greedy token agreement {agree}/{total}"
+    adapted = local.prism.chat_batch(convs, max_new_tokens=24, adapter=True)
+    base = local.prism.chat_batch(convs, max_new_tokens=24, adapter=False)
+    assert [a.text for a in adapted] != [b.text for b in base]  # the adapter is really applied
+
+
+def test_scoring_is_refused_with_a_reason(local):
+    r = _post(local.url + "/v1/completions", {"model": "prism-base", "prompt": "The sky is", "max_tokens": 0,
+                                              "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and "--engine torch" in r.json()["error"]["message"]
+
+
+def test_32_concurrent_clients_and_bad_neighbours(local):
+    """32 clients at once (half streaming, every third forcing a route), with malformed requests in
+    between: every good one gets its reply, each bad one its own 4xx, and greedy replies equal the
+    ones each request gets alone."""
+    alone = {}
+    sync = openai.OpenAI(base_url=local.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    models = ["prism", "prism-base", "prism-adapter"]
+    for i in range(3):
+        msgs = [{"role": "user", "content": f"Give me fact number {i} about the moon."}]
+        alone[i] = sync.chat.completions.create(model=models[i], messages=msgs, max_tokens=8,
+                                                temperature=0).choices[0].message.content
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=local.url + "/v1", api_key=KEY, timeout=180, max_retries=0)
+        raw = httpx.AsyncClient(timeout=60)
+
+        async def one(i):
+            msgs = [{"role": "user", "content": f"Give me fact number {i % 3 if i < 6 else i} about the moon."}]
+            kw = dict(model=models[i % 3], messages=msgs, max_tokens=8, temperature=0)
+            if i % 2:
+                parts = [c async for c in await client.chat.completions.create(stream=True, **kw)]
+                return "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+            return (await client.chat.completions.create(**kw)).choices[0].message.content
+
+        async def bad(i):
+            r = await raw.post(local.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                               json={"messages": [{"role": "user", "content": "x"}], "max_tokens": -i - 1})
+            return r.status_code
+
+        try:
+            return await asyncio.gather(asyncio.gather(*(one(i) for i in range(32))),
+                                        asyncio.gather(*(bad(i) for i in range(8))))
+        finally:
+            await client.close()
+            await raw.aclose()
+
+    good, bad = asyncio.run(main())
+    assert all(isinstance(t, str) and t for t in good) and set(bad) == {400}
+    assert [good[i] for i in range(6)] == [alone[i % 3] for i in range(6)]
+    stats = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    assert stats["upstream_errors"] == 0
