@@ -80,6 +80,10 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                         "PRISM_GENERATOR_API_KEY", "generator_url", {}),
     "--generator-served-model": ("the model's name on that server (default: its first)", "generator_model", {}),
     "--generator-concurrency": ("requests in flight to that server", "generator_concurrency", {"type": int}),
+    "--engine": ("what generates: torch, llamacpp (in-process llama.cpp; gate, scores and training stay in torch) "
+                 "or auto (llamacpp to serve when it can load the model, torch for bulk stages: "
+                 "benchmarks/engines.py)", "engine", {"choices": ["auto", "torch", "llamacpp"]}),
+    "--gguf": ("the model as a GGUF file for the llamacpp engine (the embedded model needs none)", "gguf", {}),
     # judges (in `run`, --judge-model is the stage-3 judge; in eval and study, the MT-Bench judge)
     "--judge-model": ("another local model (directory or hub id) as the judge instead of the model itself",
                       "judge.model", {}),
@@ -110,7 +114,8 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
 
 RUN_SETTINGS = ["--model", "--config", "--personas", "--only", "--length", "--placement", "--n", "--judge",
                 "--judge-model", "--seed", "--batch-size", "--dtype", "--infer-dtype", "--device",
-                "--trust-remote-code", "--generator-url", "--generator-served-model", "--generator-concurrency"]
+                "--trust-remote-code", "--generator-url", "--generator-served-model", "--generator-concurrency",
+                "--engine", "--gguf"]
 JUDGE_SETTINGS = ["--judge-model", "--judge-url", "--judge-served-model", "--judge-key-env", "--refusal"]
 GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter", "--context"]
 
@@ -319,14 +324,16 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, args.api_key, upstream=args.upstream, upstream_base=args.upstream_base,
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-          context_length=args.context_length, allowed_host=args.allowed_host, engine=args.engine, gguf=args.gguf)
+          context_length=args.context_length, allowed_host=args.allowed_host, engine=args.engine or "auto",
+          gguf=args.gguf)
     return 0
 
 
 def cmd_export_adapter(args) -> int:
     from prism.serve.export import export_adapter
 
-    print(json.dumps(export_adapter(args.run_dir, args.out, force=args.force), indent=2))
+    print(json.dumps(export_adapter(args.run_dir, args.out, force=args.force, format=args.format, gguf=args.gguf),
+                     indent=2))
     return 0
 
 
@@ -370,17 +377,16 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
         ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
         ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask (default 2048)"}),
         ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's)"}),
-        ("--engine", {"choices": ["auto", "torch", "llamacpp"], "default": "auto",
-                      "help": "what generates: llamacpp (in-process llama.cpp, the gate stays in torch), torch, or "
-                              "auto (llamacpp when it can load the model: the embedded one or --gguf)"}),
-        ("--gguf", {"help": "the run's base model as a GGUF file, for --engine llamacpp (embedded model: automatic)"}),
+        "--engine", "--gguf",
         ("--upstream", {"help": "router mode: gate here, generate on this OpenAI-compatible server"}),
         ("--upstream-base", {"help": "the upstream's base model name (default: the adapter's parent)"}),
         ("--upstream-adapter", {"default": "prism-adapter", "help": "the upstream's name for the LoRA"}),
         ("--upstream-api-key", {"help": "key for the upstream (or set PRISM_UPSTREAM_API_KEY)"})]),
     "export-adapter": ("write the run's LoRA in a form vLLM and SGLang load", cmd_export_adapter, [
         RUN_DIR, ("--out", {"required": True, "help": "directory for the exported adapter (empty or new)"}),
-        ("--force", {"action": "store_true", "help": "write into a non-empty --out (replaces only the adapter files)"})]),
+        ("--force", {"action": "store_true", "help": "write into a non-empty --out (replaces only the adapter files)"}),
+        ("--format", {"choices": ["peft", "gguf"], "default": "peft",
+                      "help": "peft (vLLM, SGLang, PEFT) or gguf (llama.cpp LoRA files, one per adapter)"}), "--gguf"]),
 }
 QUIET_BY_DEFAULT = {"config", "personas", "generate", "chat", "export-adapter"}
 

@@ -154,6 +154,11 @@ class PrismConfig(Section):
     generator_url: str | None = None
     generator_model: str | None = None  # the server's name for the model; None = its first model
     generator_concurrency: int = Field(16, ge=1)  # requests in flight to the server
+    # What generates stages 1-3 locally: "torch", "llamacpp" (in-process llama.cpp on a GGUF of the
+    # model: `gguf`, or the embedded model's float16 copy), or "auto" (the faster one for bulk
+    # generation on this machine, benchmarks/engines.py). Speed settings, like generator_url.
+    engine: Literal["auto", "torch", "llamacpp"] = "auto"
+    gguf: str | None = None
     queries: QueryConfig = QueryConfig()
     answers: AnswerConfig = AnswerConfig()
     judge: JudgeConfig = JudgeConfig()

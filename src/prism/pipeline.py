@@ -10,6 +10,7 @@ from typing import Callable
 from prism.config import STAGES, PrismConfig
 from prism.errors import PersonaError, RunError
 from prism.model import ChatModel, load_model_for
+from prism.model.llamacpp import pick_engine
 from prism.contexts import ContextRegistry
 from prism.run import RunDir, world_size
 from prism.stages.answers import run_answers
@@ -86,6 +87,13 @@ def _run_stages(run: RunDir, config: PrismConfig, model: ChatModel, personas, pe
         model = RemoteGenerationModel(local, RemoteGenerator(
             config.generator_url, config.generator_model, concurrency=config.generator_concurrency))
         log.info("generating on %s (model %s)", config.generator_url, model.generator.model)
+    elif {"queries", "answers", "verdicts"} & set(pending) and \
+            pick_engine(config.engine, config.model, config.gguf, config.device, job="bulk") == "llamacpp":
+        from prism.model.llamacpp import EngineGenerationModel, LlamaCppEngine, model_gguf
+
+        model = EngineGenerationModel(local, LlamaCppEngine(model_gguf(config.model, config.gguf),
+                                                            slots=config.batch_size, name=local.name))
+        log.info("generating on llama.cpp (%s)", model.engine.gguf.name)
     ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
     saved_prefix_cache = local.prefix_cache
     local.prefix_cache = config.prefix_cache
@@ -111,6 +119,9 @@ def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> 
         run.add_time(stage, time.perf_counter() - t0)
     facts["tokens_generated"] = run.manifest["stages"][stage].get("tokens_generated", 0) + (
         model.tokens_generated - tok0)
+    if stage in ("queries", "answers", "verdicts"):  # which engine generated (a resumed stage: the last)
+        facts["engine"] = ("remote" if hasattr(model, "generator") else "llamacpp" if hasattr(model, "engine")
+                           else "torch")
     run.stage_done(stage, **facts)
     log.info("stage %s done in %.1fs: %s", stage, run.manifest["stages"][stage]["seconds"],
              {k: v for k, v in facts.items() if not isinstance(v, dict)})

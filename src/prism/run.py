@@ -20,7 +20,8 @@ from prism.io import LockHeld, atomic_write_json, exclusive_lock
 from prism.records import SHARED
 
 # Settings that change speed, not results: a run may resume with different values.
-RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency")
+RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency",
+                "engine", "gguf")
 
 
 def world_size() -> int:

@@ -134,8 +134,9 @@ def write_lora_gguf(adapter_dir: str | Path, base_gguf: str | Path, dst: str | P
         writer.write_tensors_to_file()
         writer.close()
     layers = sorted({_block_order(n)[0] for n in pairs})
-    return {"gguf": str(dst), "rank": config.get("r"), "alpha": config["lora_alpha"], "layers": layers,
-            "tensors": len(pairs)}
+    n_layers = base.fields[f"{arch}.block_count"].contents()
+    return {"gguf": str(dst), "rank": config.get("r"), "alpha": config["lora_alpha"], "tensors": len(pairs),
+            "layers_without_lora": [i for i in range(n_layers) if i not in layers]}
 
 
 def _block_order(name: str) -> tuple[int, str]:

@@ -31,20 +31,23 @@ def available() -> bool:
     return True
 
 
-def pick_engine(requested: str, model: str, gguf: str | None = None, device: str = "cpu") -> str:
-    """The engine that generates: the one asked for, or with "auto" llama.cpp where it can load the
-    model (the embedded model, or a --gguf file) on a CPU, else torch. Measured on the embedded
-    model (benchmarks/engines.py): llama.cpp is faster for one stream and for many."""
+def pick_engine(requested: str, model: str, gguf: str | None = None, device: str = "cpu", job: str = "serve") -> str:
+    """The engine that generates a `job` ("serve": one reply per request; "bulk": stages 1-3 and
+    eval, many prompts at once): the one asked for, or with "auto" the faster one measured here
+    (benchmarks/engines.py, embedded model, 2-core CPU): llama.cpp serves (one stream ~5x torch's
+    token loop, many clients through continuous batching), torch's batched bfloat16 generation is
+    at least as fast for bulk work. llama.cpp only where it can load the model (the embedded
+    model, or a `gguf` file) and on a CPU."""
     from prism.config import EMBEDDED_MODEL
 
     if requested not in ENGINES:
         raise ConfigError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
     if requested != "auto":
         if requested == "llamacpp" and not available():
-            raise ConfigError("--engine llamacpp needs the xllamacpp package: pip install 'prism-persona[llamacpp]'")
+            raise ConfigError("--engine llamacpp needs the xllamacpp package: pip install xllamacpp")
         return requested
     can_load = bool(gguf) or model == EMBEDDED_MODEL
-    return "llamacpp" if can_load and available() and device in ("cpu", "auto") else "torch"
+    return "llamacpp" if job == "serve" and can_load and available() and device in ("cpu", "auto") else "torch"
 
 
 def embedded_float_gguf(dtype: str = "f16") -> Path:
@@ -109,7 +112,7 @@ class LlamaCppEngine:
         try:
             import xllamacpp
         except ImportError:
-            raise ConfigError("the llamacpp engine needs the xllamacpp package: pip install 'prism-persona[llamacpp]'"
+            raise ConfigError("the llamacpp engine needs the xllamacpp package: pip install xllamacpp"
                               ) from None
         self.gguf = Path(gguf)
         self.lora_names = list(loras or {})

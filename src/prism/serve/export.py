@@ -59,9 +59,24 @@ def export_one(run: RunDir, name: str, out: Path, force: bool) -> dict:
     return {"adapter": str(out), "rank": config.get("r"), "zero_layers": missing}
 
 
-def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False) -> dict:
+def export_gguf(run: RunDir, names: list[str], out: Path, gguf: str | None) -> dict:
+    """Each adapter as `out/<name>.gguf` (a llama.cpp LoRA for the base GGUF), and the llama.cpp
+    server command that loads them (scale 0 until a request's `lora` field sets one)."""
+    from prism.model.gguf import write_lora_gguf
+    from prism.model.llamacpp import model_gguf
+
+    base = model_gguf(run.config().model, gguf)
+    exported = {n: write_lora_gguf(run.adapter_path(n), base, out / f"{n}.gguf") for n in names}
+    loras = " ".join(f"--lora {e['gguf']}" for e in exported.values())
+    return {"adapters": exported, "base_model": str(base),
+            "llama_server": f"llama-server -m {base} --lora-init-without-apply {loras}"}
+
+
+def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False, format: str = "peft",
+                   gguf: str | None = None) -> dict:
     """Write the run's adapters to `out` (one adapter) or `out/<name>/` (several), and the vLLM
-    command that serves them under the names the router expects."""
+    command that serves them under the names the router expects; with format "gguf", as llama.cpp
+    LoRA files `out/<name>.gguf`."""
     run = RunDir(run_dir).require("distill")
     names, out = run.finished_adapters(), Path(out)
     if out.resolve() == run.path.resolve() or run.path.resolve() in out.resolve().parents:
@@ -71,6 +86,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False) ->
     if out.is_dir() and any(out.iterdir()) and not force:
         raise RunError(f"--out {out} is not empty; choose another directory or pass --force (which replaces only "
                        f"{' and '.join(EXPORTED)}{' in each adapter folder' if len(names) > 1 else ''})")
+    if format == "gguf":
+        return export_gguf(run, names, out, gguf)
     single = len(names) == 1
     exported = {n: export_one(run, n, out if single else out / n, force) for n in names}
     base = base_model_location(run.config().model)

@@ -113,3 +113,23 @@ def test_32_concurrent_clients_and_bad_neighbours(local):
     assert [good[i] for i in range(6)] == [alone[i % 3] for i in range(6)]
     stats = httpx.get(local.url + "/health", timeout=10).json()["stats"]
     assert stats["upstream_errors"] == 0
+
+
+def test_stages_generate_on_llamacpp_and_the_manifest_says_so(tmp_path, embedded):
+    """`prism run --engine llamacpp`: stages 1-2 generate on llama.cpp (greedy/sampled replies of
+    the right sizes), the judge and everything after stay in torch, and the manifest names the engine."""
+    import json
+
+    from prism.config import load_config
+    from prism.io import read_jsonl
+    from prism.pipeline import run_pipeline
+
+    config = load_config("micro", overrides={"engine": "llamacpp"})
+    run_pipeline(config, tmp_path / "run", quiet=True, model=embedded, until="answers")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["queries"]["engine"] == manifest["stages"]["answers"]["engine"] == "llamacpp"
+    answers = read_jsonl(tmp_path / "run" / "answers.jsonl")
+    queries = read_jsonl(tmp_path / "run" / "queries.jsonl")
+    assert len(answers) == len(queries) > 0
+    assert all(a["answer_base"].strip() and a["answer_persona"].strip() for a in answers)
+    assert manifest["stages"]["answers"]["tokens_generated"] > 0
