@@ -117,7 +117,7 @@ RUN_SETTINGS = ["--model", "--config", "--personas", "--only", "--length", "--pl
                 "--trust-remote-code", "--generator-url", "--generator-served-model", "--generator-concurrency",
                 "--engine", "--gguf"]
 JUDGE_SETTINGS = ["--judge-model", "--judge-url", "--judge-served-model", "--judge-key-env", "--refusal"]
-GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter", "--context"]
+GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter", "--context", "--engine", "--gguf"]
 
 
 def _add(p: argparse.ArgumentParser, names: list[str], study_models: bool = False) -> None:
@@ -209,9 +209,18 @@ def cmd_personas(args) -> int:
 
 
 def _load_routed(args):
+    from prism.model.llamacpp import pick_engine
     from prism.routed import PrismModel
+    from prism.run import RunDir
 
-    return PrismModel.load(args.run_dir, route_every_turn=getattr(args, "route_every_turn", False))
+    config = RunDir(args.run_dir).require("gate", "distill").config()
+    if pick_engine(args.engine or "auto", config.model, args.gguf, config.device, job="serve") == "llamacpp":
+        routed = PrismModel.load_on_engine(args.run_dir, gguf=args.gguf, slots=1, context=8192)  # one conversation
+    else:
+        routed = PrismModel.load(args.run_dir)
+    routed.route_every_turn = getattr(args, "route_every_turn", False)
+    return routed
+
 
 
 def _forced(args) -> bool | str | None:

@@ -184,7 +184,17 @@ def load_model(
             config.layer_types = config.layer_types[:first_layers]
         extra["config"] = config
     try:
-        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, use_safetensors=True, **kw, **extra)
+        if first_layers is not None:  # the layers left out are "unexpected" keys: no report on them
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, use_safetensors=True, **kw, **extra)
+            finally:
+                hf_logging.set_verbosity(level)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, use_safetensors=True, **kw, **extra)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load the weights of {model!r} from safetensors ({type(e).__name__}: {str(e).splitlines()[0]})"
