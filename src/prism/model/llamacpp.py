@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -127,6 +128,10 @@ class LlamaCppEngine:
         n = threads or int(os.environ.get("PRISM_THREADS", 0)) or (os.cpu_count() or 1)
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = n
         params.verbosity = -1 if not log.isEnabledFor(logging.DEBUG) else 3
+        # The in-process server also listens on a loopback port (the router talks to it there): a
+        # random key keeps other local users and web pages from using it past prism's own checks.
+        self.api_key = secrets.token_urlsafe(24)
+        params.api_keys = [self.api_key]
         if loras:
             adapters = []
             for lname, path in loras.items():

@@ -217,4 +217,5 @@ def create_engine_app(prism, options: RouterOptions) -> FastAPI:
     """`prism serve --engine llamacpp`: the router in front of the PrismModel's own llama.cpp engine."""
     options.upstream = prism.engine.url
     options.upstream_base = prism.engine.name
+    options.upstream_api_key = prism.engine.api_key
     return create_router_app(prism, options)
