@@ -55,11 +55,20 @@ def test_stages_1_to_3_write_records_and_a_manifest_that_matches(tmp_path, embed
     assert run.status("verdicts") == "done"
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path, embedded):
+def test_resuming_with_other_settings_is_refused(tmp_path, embedded, capsys):
     run_pipeline(load_config("micro"), tmp_path / "run", until="queries", quiet=True, model=embedded)
+    before = (tmp_path / "run" / "manifest.json").read_bytes()
     code = main(["run", "--preset", "micro", "--n", "4", "--until", "queries", "--out", str(tmp_path / "run"),
                  "--quiet"])
+    # Every error exits with 2: the message must be this one, naming the setting and both values.
     assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"prism: error: {tmp_path / 'run'} was started with different settings "
+                   "(queries.n_per_persona: 3 -> 4); resume it with the same settings or choose a new --out")
+    assert (tmp_path / "run" / "manifest.json").read_bytes() == before  # the run is left as it was
+    # A speed setting may differ: the same run resumes (nothing left to do) with another batch size.
+    assert main(["run", "--preset", "micro", "--batch-size", "3", "--until", "queries", "--out",
+                 str(tmp_path / "run"), "--quiet"]) == 0
 
 
 def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):
