@@ -1,7 +1,8 @@
 """The real server on a loopback port, driven by the official `openai` client and raw HTTP.
 
-One micro run is built for the module; a local server, a router in front of it, and a small
-server with a one-slot queue all serve it.
+The session's micro run, with a gate that really routes (conftest.install_two_route_gate: the
+run's own gate is a constant rule), is served by a local server, a router in front of it, and a
+small server with a one-slot queue.
 """
 
 import asyncio
@@ -20,6 +21,8 @@ from prism.io import read_jsonl
 from prism.pipeline import run_pipeline
 from prism.serve.server import BackgroundServer, free_port
 
+from conftest import TO_ADAPTER, TO_BASE
+
 pytestmark = pytest.mark.slow
 KEY = "test-key"
 CONTEXT = 512
@@ -29,8 +32,8 @@ MICRO = {"persona_length": "minimal"}
 
 
 @pytest.fixture(scope="module")
-def run_dir(micro_run):
-    return micro_run
+def run_dir(routing_run):
+    return routing_run
 
 
 @pytest.fixture(scope="module")
@@ -134,30 +137,65 @@ def test_models_completions_and_health(local, client):
     assert health["stats"]["requests"] >= 2
 
 
-def test_32_concurrent_clients_are_all_answered_in_batches(local):
+def test_a_burst_of_32_mixed_requests_gets_what_each_gets_alone(local, client, run_dir, embedded):
+    """32 clients at once: 8 conversations, each sent as `prism` (the gate decides), `prism-base` and
+    `prism-adapter`, greedy, plus a seeded sampled `prism` request each (half of those streamed).
+    Batched together (one layer-0 pass routes the gated ones, left-padded to a common length; one
+    decode batch per route), every request must get the route and the text it gets alone."""
+    convs = [TO_ADAPTER[0], TO_BASE[0], TO_ADAPTER[3], TO_BASE[2],
+             TO_ADAPTER[6] + " Show each step of the working and check the result at the end.",
+             TO_BASE[4] + " I have eggs, flour, milk and a little sugar, and I would like them fluffy.",
+             TO_ADAPTER[7], TO_BASE[5]]
+    requests = [(i, model, None) for i in range(len(convs)) for model in ("prism", "prism-base", "prism-adapter")]
+    requests += [(i, "prism", 100 + i) for i in range(len(convs))]  # sampled at temperature 1, seeded
+
+    def body(i, model, seed):
+        sampling = {"temperature": 0} if seed is None else {"temperature": 1.0, "top_p": 0.9, "seed": seed}
+        return dict(model=model, messages=[{"role": "user", "content": convs[i]}], max_tokens=6, **sampling)
+
+    # Alone: the gate's decision for each conversation by itself (computed apart from the server),
+    # and each forced or sampled request sent by itself (a batch of one).
+    gate = {i: gate_route(run_dir, embedded, [{"role": "user", "content": c}]) for i, c in enumerate(convs)}
+    alone = {}
+    for i, model, seed in requests:
+        if model == "prism" and seed is None:
+            continue  # its text is the forced route's (checked below), its route the gate's
+        r = client.chat.completions.create(**body(i, model, seed))
+        alone[(i, model, seed)] = r.choices[0].message.content
+        if seed is not None:
+            assert r.prism["route"] == gate[i].name
+    for i in range(len(convs)):
+        alone[(i, "prism", None)] = alone[(i, "prism-adapter" if gate[i].adapter else "prism-base", None)]
     before = httpx.get(local.url + "/health", timeout=10).json()["stats"]
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=local.url + "/v1", api_key=KEY, timeout=180, max_retries=0)
+        aclient = openai.AsyncOpenAI(base_url=local.url + "/v1", api_key=KEY, timeout=180, max_retries=0)
 
-        async def one(i):
-            msgs = [{"role": "user", "content": f"Give me fact number {i} about the moon."}]
-            if i % 2:
-                stream = await client.chat.completions.create(model="prism", messages=msgs, max_tokens=8,
-                                                              stream=True, seed=i)
+        async def one(i, model, seed):
+            if seed is not None and seed % 2:
+                stream = await aclient.chat.completions.create(**body(i, model, seed), stream=True)
                 parts = [c async for c in stream]
-                return "".join(c.choices[0].delta.content or "" for c in parts if c.choices), parts[-1].usage
-            resp = await client.chat.completions.create(model="prism", messages=msgs, max_tokens=8, seed=i)
-            return resp.choices[0].message.content, resp.usage
+                text = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+                return text, parts[0].prism
+            r = await aclient.chat.completions.create(**body(i, model, seed))
+            return r.choices[0].message.content, r.prism
 
         try:
-            return await asyncio.gather(*(one(i) for i in range(32)))
+            return await asyncio.gather(*(one(*req) for req in requests))
         finally:
-            await client.close()
+            await aclient.close()
 
-    results = asyncio.run(main())
-    assert len(results) == 32
-    assert all(usage.completion_tokens >= 1 for _, usage in results)
+    together = dict(zip(requests, asyncio.run(main())))
+    assert len(together) == 32
+    for (i, model, seed), (text, info) in together.items():
+        route = {"prism-base": "base", "prism-adapter": "adapter"}.get(model, gate[i].name)
+        assert info["route"] == route and text == alone[(i, model, seed)], ((i, model, seed), text, info)
+        if model == "prism":  # the same gate probability as alone, though computed in a padded batch
+            assert info["score"] == pytest.approx(gate[i].probability, abs=1e-3)
+    # The test means something: the gate sends some conversations to the adapter and some to the
+    # base model (its own training prompts exactly as trained), and the adapter changes the text.
+    assert {gate[i].name for i in (0, 2, 6)} == {"adapter"} and {gate[i].name for i in (1, 3, 7)} == {"base"}
+    assert any(alone[(i, "prism-base", None)] != alone[(i, "prism-adapter", None)] for i in range(len(convs)))
     after = httpx.get(local.url + "/health", timeout=10).json()["stats"]
     assert after["requests"] - before["requests"] == 32 and after["errors"] == before["errors"]
     assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1  # really batched
@@ -268,7 +306,8 @@ def test_router_forwards_to_upstream_by_route(local, run_dir):
     up = openai.OpenAI(base_url=local.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     with BackgroundServer(app) as router:
         rc = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        for msgs in (HELLO, [{"role": "user", "content": "Solve 12 * 7 and explain the steps."}]):
+        routes = []
+        for msgs in (HELLO, [{"role": "user", "content": TO_ADAPTER[1]}]):
             raw = rc.chat.completions.with_raw_response.create(model="prism", messages=msgs, max_tokens=10,
                                                                 temperature=0)
             via_router = raw.parse()
@@ -278,6 +317,8 @@ def test_router_forwards_to_upstream_by_route(local, run_dir):
             assert via_router.prism["score"] == pytest.approx(direct.prism["score"], abs=1e-3)
             assert via_router.choices[0].message.content == direct.choices[0].message.content
             assert via_router.model == "prism" and via_router.usage.completion_tokens >= 1
+            routes.append(via_router.prism["route"])
+        assert routes == ["base", "adapter"]  # both ways through the router
         chunks = list(rc.chat.completions.create(model="prism-adapter", messages=HELLO, max_tokens=8,
                                                  temperature=0, stream=True))
         forced = up.chat.completions.create(model="prism-adapter", messages=HELLO, max_tokens=8, temperature=0)
@@ -319,8 +360,9 @@ def test_prism_serve_cli_router_binds_loopback(local, run_dir):
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["mode"] == "router" and health["upstream_models"]["base"] == "prism-base"
         rc = openai.OpenAI(base_url=url + "/v1", api_key="router-key", max_retries=0, timeout=120)
-        reply = rc.chat.completions.create(model="prism", messages=HELLO, max_tokens=4, temperature=0)
-        assert reply.choices[0].message.content and reply.prism["route"] in ("adapter", "base")
+        for msgs, route in ((HELLO, "base"), ([{"role": "user", "content": TO_ADAPTER[4]}], "adapter")):
+            reply = rc.chat.completions.create(model="prism", messages=msgs, max_tokens=4, temperature=0)
+            assert reply.choices[0].message.content and reply.prism["route"] == route
         assert _post(url + "/v1/chat/completions", {"messages": USER}, "wrong").status_code == 401
     finally:
         proc.terminate()
@@ -402,5 +444,5 @@ def test_exported_adapter_is_the_same_function(run_dir, tmp_path):
         a.base_model.disable_adapter_layers()
         plain = a(input_ids=ids).logits
     assert torch.allclose(la, lb, atol=1e-5)  # zero LoRA on layer 0 == no LoRA on layer 0
-    if json.loads((run_dir / "manifest.json").read_text())["stages"]["distill"]["trained"]:
-        assert not torch.allclose(la, plain, atol=1e-4)  # and the adapter is really there
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["distill"]["trained"]
+    assert not torch.allclose(la, plain, atol=1e-4)  # and the adapter is really there
