@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from prism.cli import main
 from prism.config import load_config
 from prism.io import read_jsonl
 from prism.pipeline import run_pipeline
@@ -368,6 +369,30 @@ def test_prism_serve_cli_router_binds_loopback(local, run_dir):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}" in out  # loopback unless told otherwise
+
+
+def test_eval_judge_url_talks_to_our_own_server(local, tmp_path, benchmarks_dir, monkeypatch, capsys):
+    """`prism eval --judge-url` sends MT-Bench's judge prompt to our server as the served model named,
+    with the key from --judge-key-env. The HTTP judge asks for up to 1024 tokens per judgment, more
+    than this server allows (256), so the request is refused and the eval ends with one line naming
+    the server and the problem. (A judgment that is answered takes the 135M model 1024 tokens,
+    about a minute each here: too slow for the suite; the parsing of replies is tested apart.)"""
+    monkeypatch.setenv("PRISM_TEST_JUDGE_KEY", KEY)
+    before = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    argv = ["eval", "--model", "embedded", "--out", str(tmp_path / "e"), "--preset", "micro", "--data",
+            str(benchmarks_dir), "--systems", "base", "--benchmarks", "mtbench", "--limit", "mtbench=1",
+            "--judge-url", local.url, "--judge-served-model", "prism-base", "--judge-key-env", "PRISM_TEST_JUDGE_KEY",
+            "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"prism: error: {local.url}/v1/chat/completions answered 400: max_tokens must be between 1 "
+                   "and 256, got 1024")
+    after = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    assert after["requests"] == before["requests"]  # refused before it joined the queue
+    # Without the key the server refuses it as unauthorised, which names the key problem instead.
+    monkeypatch.delenv("PRISM_TEST_JUDGE_KEY")
+    assert main(argv) == 2
+    assert "answered 401: invalid or missing API key" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
