@@ -202,6 +202,16 @@ def test_mark_significance_needs_the_ci_the_p_value_and_the_correction():
     # thresholds 0.0167, 0.033, 0.05: 0.04 passes the CI and p test but not the correction
     assert [t["significant"] for t in three] == [True, True, False]
     assert [t["significant_fdr"] for t in three] == [True, False, False]
+    # ... and findings.md words each case differently
+    from prism.study.report import sentence
+
+    for t, name in zip(three, ("a", "b", "c")):
+        t["what"] = f"effect {name}"
+    assert [sentence(t) for t in three] == [
+        "effect a: +2.0 points (95% CI +1.0 to +3.0, n=10); significant after the false-discovery correction.",
+        "effect b: +2.0 points (95% CI +1.0 to +3.0, n=10); CI excludes 0, but not after the false-discovery "
+        "correction.",
+        "effect c: +2.0 points (95% CI +1.0 to +3.0, n=10); not significant."]
 
 
 def test_report_with_two_models_has_the_model_summary(tmp_path):
