@@ -82,6 +82,14 @@ def install_two_route_gate(model, run_dir, to_adapter=TO_ADAPTER, to_base=TO_BAS
         torch.nn.functional.cross_entropy(gate.logits(feats), labels).backward()
         opt.step()
     gate.eval()
+    # Temper it: trained to separation its probabilities are 0 and 1, which would hide a small
+    # error in the features (e.g. padding in a batched pass); scaled, the largest margin between the
+    # two classes' logits is 3 (probabilities between 0.5 and 0.95), with the same decisions.
+    with torch.no_grad():
+        logits = gate.logits(feats)
+        scale = 3.0 / float((logits[:, 1] - logits[:, 0]).abs().max())
+        gate.mlp[-1].weight.mul_(scale)
+        gate.mlp[-1].bias.mul_(scale)
     assert gate.decide(feats)[0].tolist() == labels.tolist(), "the test gate does not separate its own prompts"
     gate.save(run_dir / "gate")
     return gate
