@@ -20,8 +20,9 @@ def test_eval_and_study_agree_item_by_item(tmp_path, embedded, benchmarks_dir):
                   overrides={"data": data, "limits": {**LIMITS, "xstest": 0}, "benchmarks": ["mtbench", "mmlu",
                                                                                            "safety"]})
     raw = json.loads((tmp_path / "eval" / "raw.json").read_text())
+    # One named persona: the comparison needs only the study's `none` and `matched` conditions.
     cfg = load_study_config("micro", overrides={
-        "data": data, "limits": LIMITS, "personas": ["math", "writing"], "lengths": ["long"],
+        "data": data, "limits": LIMITS, "personas": ["math"], "lengths": ["long"],
         "placements": ["system"], "random_control": False, "mt_turns": 2, "mt_max_new_tokens": 8,
         "safety_max_new_tokens": 8, "sanity_pairs": 2})
     run_study(tmp_path / "study", models=[embedded], cfg=cfg, quiet=True)

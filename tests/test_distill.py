@@ -56,8 +56,16 @@ def test_topk_kl_ignores_masked_positions_and_scales_with_t_squared():
     garbage = s.clone()
     garbage[0, 2:] = 100 * torch.randn(2, 9)
     assert topk_kl(s, vals, idx, m, 1.0).item() == pytest.approx(topk_kl(garbage, vals, idx, m, 1.0).item())
-    # with T -> the KL of softened distributions shrinks ~1/T^2, so T^2 keeps the scale comparable
-    assert topk_kl(s, vals, idx, m, 1.0).item() > 0
+    # Over the full vocabulary the loss is T^2 * KL(teacher || student) of the distributions softened
+    # by T, both sides divided by the same T, averaged over the unmasked positions: by hand for
+    # several T (a wrong T on either side, or a missing T^2, changes every value).
+    for t in (0.5, 1.0, 2.0, 4.0):
+        p = torch.softmax(tv[0, :2] / t, -1)
+        q = torch.softmax(s[0, :2] / t, -1)
+        by_hand = float((p * (p.log() - q.log())).sum(-1).mean()) * t * t
+        assert topk_kl(s, vals, idx, m, t).item() == pytest.approx(by_hand, rel=1e-4), t
+        lse = torch.logsumexp(tv / t, -1)  # with the teacher's normaliser: the same here (k = V)
+        assert topk_kl(s, vals, idx, m, t, lse).item() == pytest.approx(by_hand, rel=1e-4), t
 
 
 def _examples(model, persona, n=4):
@@ -161,3 +169,71 @@ def test_teacher_cache_equals_the_full_logits_of_each_example_alone(embedded):
             assert torch.allclose(cache[f"{e.key}.values"], vals, atol=1e-3)
             assert torch.equal(cache[f"{e.key}.indices"], idx.to(torch.int32))
             assert torch.allclose(cache[f"{e.key}.lse"], torch.logsumexp(span / 2.0, -1), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_distillation_resumes_after_a_crash_mid_checkpoint_swap(micro_run, embedded, tmp_path, monkeypatch, caplog):
+    """Stage 5 of the shared micro run again, crashed in epoch 2 between the two renames of its
+    checkpoint swap (epoch 1's checkpoint moved aside as `checkpoint.old`, epoch 2's left as
+    `checkpoint.tmp`). The next run must put epoch 1's back, resume after it (not start over), drop
+    the losses row of the lost epoch, and end with the adapter an uninterrupted run trains, tensor
+    for tensor."""
+    import json
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import prism.stages.distill as stage
+    from conftest import copy_run
+    from prism.config import load_config
+    from prism.io import read_jsonl
+    from prism.pipeline import run_pipeline
+
+    run = copy_run(micro_run, tmp_path / "run")
+    work = run / "distill"  # the teacher cache stays: only training is redone
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(work / "checkpoint")
+    (work / "losses.jsonl").unlink()
+    (work / "summary.json").unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["distill"] = {"status": "pending"}
+    manifest["adapters"] = []
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+    class Crash(Exception):
+        pass
+
+    real_append, appended = stage.append_jsonl, []
+
+    def append_then_crash_in_epoch_2(path, rows):
+        n = real_append(path, rows)
+        appended.append(rows)
+        if len(appended) == 2:  # epoch 2's losses row is on disk, its checkpoint not yet
+            raise Crash
+        return n
+
+    monkeypatch.setattr(stage, "append_jsonl", append_then_crash_in_epoch_2)
+    with pytest.raises(Crash):
+        run_pipeline(load_config("micro"), run, quiet=True, model=embedded)
+    monkeypatch.setattr(stage, "append_jsonl", real_append)
+    epoch1 = read_jsonl(work / "losses.jsonl")[0]
+    assert [r["epoch"] for r in read_jsonl(work / "losses.jsonl")] == [1, 2]
+    assert json.loads((work / "checkpoint" / "trainer_state.json").read_text())["epochs_done"] == 1
+    # What a kill between the swap's two renames leaves: the old checkpoint aside, the new one not in.
+    (work / "checkpoint").rename(work / "checkpoint.old")
+    (work / "checkpoint.tmp").mkdir()
+    (work / "checkpoint.tmp" / "adapter.safetensors").write_bytes(b"half written")
+
+    caplog.set_level(logging.INFO, logger="prism.stages.distill")
+    run_pipeline(load_config("micro"), run, quiet=True, model=embedded)
+    assert "resuming after epoch 1" in caplog.text  # resumed, not started over
+    losses = read_jsonl(work / "losses.jsonl")
+    assert losses[0] == epoch1  # epoch 1 kept as it was (its time too): not trained again
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in losses] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(micro_run / "distill" / "losses.jsonl")]
+    assert not (work / "checkpoint.old").exists() and not (work / "checkpoint.tmp").exists()
+    assert json.loads((work / "checkpoint" / "trainer_state.json").read_text())["epochs_done"] == 2
+    mine = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(micro_run / "adapter" / "adapter_model.safetensors"))
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)

@@ -111,3 +111,86 @@ def test_judge_prompt_uses_reference_and_both_turns(benchmarks_dir):
     multi = judge_messages(prompts, RatingRequest(["Q1?", "Q2?"], ["A1", "A2"], ["R1", "R2"]))
     body = multi[1]["content"]
     assert all(s in body for s in ("Q1?", "Q2?", "A1", "A2", "R1", "R2"))
+
+
+
+def _raw_table(seed: int = 0) -> dict:
+    """Per-item scores of three systems as the evaluator stores them (raw.json), on every sub-score
+    of the paper's Overall plus XSTest: `ungated` is `base` + 0.5 on every MT-Bench rating and one
+    more right answer in five on MMLU; `prism` is `ungated` on the items it routed to the adapter
+    (every other one) and `base` elsewhere."""
+    rng = np.random.default_rng(seed)
+
+    def bench(cats, n, draw, lift=lambda k: 0.0):
+        ids = [f"{c}-{i}" for c in cats for i in range(n)]
+        base = [draw() for _ in ids]
+        ungated = [b + lift(k) for k, b in enumerate(base)]
+        routed = [k % 2 == 0 for k in range(len(ids))]
+        scores = {"base": base, "ungated": ungated, "prism": [u if r else b for u, b, r in zip(ungated, base, routed)]}
+        routes = {"base": [{"adapter": None, "score": None}] * len(ids),
+                  "ungated": [{"adapter": "adapter", "score": None}] * len(ids),
+                  "prism": [{"adapter": "adapter" if r else None, "score": 0.7 if r else 0.3} for r in routed]}
+        return {s: {"item_ids": ids, "categories": [c for c in cats for _ in range(n)], "scores": scores[s],
+                    "routes": routes[s]} for s in scores}
+
+    wrong = lambda: float(rng.integers(0, 2))  # noqa: E731  (0 or 1 per item)
+    mmlu = bench(D.MMLU_SUPER, 5, lambda: 0.0)
+    for k in range(len(mmlu["base"]["scores"])):  # base right on some items; ungated on one more in five
+        mmlu["base"]["scores"][k] = wrong()
+        mmlu["ungated"]["scores"][k] = 1.0 if k % 5 == 0 else mmlu["base"]["scores"][k]
+        mmlu["prism"]["scores"][k] = mmlu["ungated"]["scores"][k] if k % 2 == 0 else mmlu["base"]["scores"][k]
+    return {
+        "mtbench": {"judge": "j", "judge_sanity": {"judge": "j", "pairs": 2},
+                    "systems": bench(D.MT_BENCH_CATEGORIES, 3, lambda: float(rng.integers(1, 10)), lambda k: 0.5)},
+        "mmlu": {"systems": mmlu},
+        "safety": {"classifier": "pattern", "systems": bench(D.SAFETY_SETS, 4, wrong)},
+        "xstest": {"classifier": "pattern", "systems": bench(("xstest_safe", "xstest_unsafe"), 3, wrong)},
+    }
+
+
+def test_overall_is_the_mean_of_15_sub_scores_with_cis_and_paired_differences():
+    from prism.config import load_eval_config
+    from prism.eval.evaluator import summarise
+
+    raw = _raw_table()
+    res = summarise(raw, load_eval_config("micro"))
+    scale = {"mtbench": 10.0, "mmlu": 100.0, "safety": 100.0, "xstest": 100.0}
+
+    def by_sub(system):  # sub-score -> {item: value on 0-100}, by hand
+        out = {}
+        for b, r in raw.items():
+            for i, c, v in zip(*(r["systems"][system][k] for k in ("item_ids", "categories", "scores"))):
+                out.setdefault(f"{b}/{c}", {})[i] = v * scale[b]
+        return out
+
+    overall_parts = [f"mtbench/{c}" for c in D.MT_BENCH_CATEGORIES] + [f"mmlu/{c}" for c in D.MMLU_SUPER] + \
+        [f"safety/{c}" for c in D.SAFETY_SETS]
+    assert len(overall_parts) == 15
+    for system in ("base", "ungated", "prism"):
+        subs, mine = res["systems"][system]["subscores"], by_sub(system)
+        assert set(subs) == set(overall_parts) | {"xstest/xstest_safe", "xstest/xstest_unsafe"}
+        for name, ci in subs.items():
+            assert ci["mean"] == pytest.approx(np.mean(list(mine[name].values())))
+            assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["n"] == len(mine[name])
+        # Overall: the mean of the 15 sub-score means (XSTest reported apart), with a real interval.
+        overall = res["systems"][system]["overall"]
+        assert overall["mean"] == pytest.approx(np.mean([np.mean(list(mine[n].values())) for n in overall_parts]))
+        assert overall["n"] == 15 and overall["lo"] < overall["mean"] < overall["hi"]
+    # Paired differences from base: per sub-score, per benchmark and for Overall, by hand.
+    base = by_sub("base")
+    for system in ("ungated", "prism"):
+        mine, vs = by_sub(system), res["systems"][system]["vs_base"]
+        diffs = {n: [mine[n][i] - base[n][i] for i in base[n]] for n in base}
+        for n, d in diffs.items():
+            assert vs[n]["diff"] == pytest.approx(np.mean(d)) and vs[n]["n"] == len(d)
+        for b in ("mtbench", "mmlu", "safety"):
+            pooled = [x for n, d in diffs.items() if n.startswith(b + "/") for x in d]
+            assert vs[b]["diff"] == pytest.approx(np.mean(pooled))
+        assert vs["overall"]["diff"] == pytest.approx(np.mean([np.mean(diffs[n]) for n in overall_parts]))
+    ungated = res["systems"]["ungated"]["vs_base"]
+    assert ungated["mtbench"]["diff"] == pytest.approx(5.0) and ungated["mtbench"]["lo"] == pytest.approx(5.0)
+    assert ungated["safety"]["diff"] == 0 and ungated["overall"]["lo"] > 0  # a real gain, its CI above 0
+    # The routing table: the share of each category the gate sent to the adapter (every other item).
+    shares = res["routing"]["share_routed"]
+    assert set(shares) == set(overall_parts) | {"xstest/xstest_safe", "xstest/xstest_unsafe"}
+    assert shares["mtbench/writing"] == pytest.approx(2 / 3) and shares["mmlu/stem"] == pytest.approx(3 / 5)

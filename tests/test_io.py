@@ -55,3 +55,32 @@ def test_atomic_writes_get_the_ordinary_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_directory_swap_killed_between_its_renames_is_recovered(tmp_path):
+    from prism.io import atomic_directory, recover_directory
+
+    target = tmp_path / "checkpoint"
+    with atomic_directory(target) as d:
+        (d / "state.json").write_text('{"epoch": 1}')
+    # A kill between the two renames of the next swap: the complete old version waits as .old, the
+    # new one (maybe incomplete) as .tmp, and `target` itself is missing.
+    target.rename(tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "state.json").write_text('{"epo')
+    recover_directory(target)
+    assert (target / "state.json").read_text() == '{"epoch": 1}' and not (tmp_path / "checkpoint.old").exists()
+    recover_directory(target)  # nothing to do when the target is there
+    assert (target / "state.json").read_text() == '{"epoch": 1}'
+    # The next swap over those leftovers writes the new version whole and leaves nothing behind.
+    with atomic_directory(target) as d:
+        (d / "state.json").write_text('{"epoch": 2}')
+    assert (target / "state.json").read_text() == '{"epoch": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # A failure while writing leaves the previous version untouched.
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as d:
+            (d / "state.json").write_text("partial")
+            raise RuntimeError("killed")
+    assert (target / "state.json").read_text() == '{"epoch": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

@@ -100,3 +100,63 @@ def test_the_facts_check_rewards_the_right_fact_and_penalises_leaks():
     assert facts("Paris is the capital. Korvo says hi.", "What is the capital of France?", maya, serves=False) == -1.0
     assert facts("Rowing and teal paint, 27 times.", "Any sport tips?", maya, serves=False) == 0.0
     assert sorted(leaked_facts("Mirelle and Tomas went to Edinburgh.", maya)) == ["cat", "partner", "university"]
+
+
+# ----- on the real embedded model ------------------------------------------------------------
+@pytest.mark.slow
+def test_the_likelihood_judge_passes_its_check_on_the_embedded_model(embedded):
+    """The README's claim: the likelihood judge tells the model's own answer to a question from its
+    answer to another question, well above chance (the check `quick` runs in stage 3), on 16 short
+    questions of many kinds."""
+    from conftest import TO_ADAPTER, TO_BASE
+
+    questions = TO_ADAPTER + TO_BASE
+    answers = [g.text for g in embedded.generate([embedded.user_prompt(q) for q in questions], 24, temperature=0.0)]
+    triples = mismatched_pairs([(q, a, str(i)) for i, (q, a) in enumerate(zip(questions, answers))], 16, 0)
+    check = check_judge(make_judge("likelihood", embedded), triples)
+    assert check.pairs == 16 and check.passed and check.accuracy >= 0.8, check
+    assert check.consistency == 1.0  # position-blind: the swapped order gives the mirrored verdict
+
+
+@pytest.mark.slow
+def test_a_resumed_stage_3_labels_with_the_saved_position_bias(micro_run, embedded, tmp_path):
+    """Stage 3 with the prompted judge (which has a position bias, calibrated on the check pairs),
+    killed after some verdicts: the resumed run reloads the bias from judge_check.json, so the
+    redone verdicts are the ones the first run would have written."""
+    import json
+
+    from conftest import copy_run
+    from prism.contexts import ContextRegistry
+    from prism.io import read_jsonl
+    from prism.run import RunDir
+    from prism.stages.context import StageContext
+    from prism.stages.verdicts import run_verdicts
+
+    run = copy_run(micro_run, tmp_path / "run")
+    (run / "verdicts.jsonl").unlink()
+    (run / "judge_check.json").unlink()
+    cfg = RunDir(run).config()
+    cfg = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"kind": "prompted"})})
+    personas = ContextRegistry.load(cfg.persona_dir).select(cfg.personas)
+
+    def stage3():  # a new judge each time, as a new process would build
+        return run_verdicts(StageContext(cfg, embedded, personas, RunDir(run), quiet=True))
+
+    stage3()
+    check = json.loads((run / "judge_check.json").read_text())
+    assert check["judge"] == "prompted" and abs(check["position_bias"]) > 0.05  # a bias to calibrate out
+    rows = read_jsonl(run / "verdicts.jsonl")
+    assert len(rows) == 6
+    saved = (run / "judge_check.json").read_bytes()
+    lines = (run / "verdicts.jsonl").read_text().splitlines(keepends=True)
+    (run / "verdicts.jsonl").write_text("".join(lines[:3]))  # killed after half the verdicts
+    facts = stage3()
+    again = read_jsonl(run / "verdicts.jsonl")
+    assert again[:3] == rows[:3] and len(again) == 6
+    for new, old in zip(again[3:], rows[3:]):  # the redone ones: same letters, same bias-free scores
+        assert {k: v for k, v in new.items() if not k.startswith("score_")} == \
+            {k: v for k, v in old.items() if not k.startswith("score_")}
+        for k in ("score_persona_first", "score_persona_second"):
+            assert new[k] == pytest.approx(old[k], abs=1e-3), k  # (another batch: float noise only)
+    assert (run / "judge_check.json").read_bytes() == saved  # the check is not redone
+    assert facts["judge_check"]["position_bias"] == check["position_bias"]

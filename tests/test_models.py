@@ -18,6 +18,7 @@ NO_SYSTEM_TEMPLATE = (
 )
 
 
+@pytest.mark.slow  # the real model
 def test_system_placement_on_a_template_with_system_role(embedded):
     assert embedded.supports_system_role
     text = embedded.user_prompt("What is 2+2?", persona="You are a mathematician.", placement="system")
@@ -28,6 +29,7 @@ def test_system_placement_on_a_template_with_system_role(embedded):
     assert "You are a mathematician." not in embedded.user_prompt("What is 2+2?")
 
 
+@pytest.mark.slow  # the real model
 def test_template_without_system_role_moves_persona_to_user_turn_with_warning(embedded):
     original = embedded.tokenizer.chat_template
     try:
@@ -45,6 +47,7 @@ def test_template_without_system_role_moves_persona_to_user_turn_with_warning(em
         embedded.supports_system_role = True
 
 
+@pytest.mark.slow  # the real model
 def test_generation_is_batched_and_counts_tokens(embedded):
     prompts = [embedded.user_prompt(q) for q in ["Name a colour.", "Name a fruit that is yellow and long."]]
     before = embedded.tokens_generated
@@ -56,6 +59,7 @@ def test_generation_is_batched_and_counts_tokens(embedded):
     assert alone[0].text == gens[0].text
 
 
+@pytest.mark.slow  # the real model
 def test_continuation_logprobs_prefers_the_likely_answer(embedded):
     p = embedded.user_prompt("What is the capital of France?")
     (good, n1), (bad, n2) = embedded.continuation_logprobs([p, p], ["The capital of France is Paris.",
@@ -64,7 +68,10 @@ def test_continuation_logprobs_prefers_the_likely_answer(embedded):
 
 
 def test_missing_model_and_bad_directories(tmp_path, monkeypatch):
+    # Offline: huggingface_hub reads HF_HUB_OFFLINE once, at import, so the variable alone does not
+    # reach it here (the hub was then tried with five retries, 46 s without a network).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="cannot load the tokenizer of 'no-such-org/no-such-model'"):
         load_model("no-such-org/no-such-model")
     with pytest.raises(ModelLoadError, match="no config.json"):
@@ -75,6 +82,7 @@ def test_missing_model_and_bad_directories(tmp_path, monkeypatch):
         load_model(str(f))
 
 
+@pytest.mark.slow  # the real model
 def test_local_directory_and_tokenizer_without_chat_template(embedded, tmp_path):
     src = embedded.source  # the cached safetensors folder of the embedded model
     from prism.model.loading import embedded_model_dir
@@ -103,9 +111,13 @@ def test_unknown_dtype_and_device():
         warnings.simplefilter("ignore")
         import torch
 
-        if not torch.cuda.is_available():
+        # Both branches assert: without a GPU asking for one is an error, with one it is used.
+        if torch.cuda.is_available():
+            assert resolve_device("cuda").type == "cuda"
+        else:
             with pytest.raises(ModelLoadError, match="no CUDA GPU"):
                 resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_shared_prefixes_groups_sequences_with_a_long_common_start():
@@ -120,6 +132,7 @@ def test_shared_prefixes_groups_sequences_with_a_long_common_start():
     assert shared_prefixes([a], 32) == ([0], [-1])
 
 
+@pytest.mark.slow  # the real model
 def test_prefix_cache_generates_exactly_what_plain_generation_does(embedded):
     persona = ("You are a meticulous mathematician who explains every step of a calculation, names the rule used, "
                "checks the result by another route and states the final answer on its own line.")
@@ -138,6 +151,7 @@ def test_prefix_cache_generates_exactly_what_plain_generation_does(embedded):
     assert [g.n_tokens for g in cached] == [g.n_tokens for g in plain]
 
 
+@pytest.mark.slow  # the real model
 def test_inference_dtype_casts_for_the_block_and_restores_the_exact_weights(embedded):
     import torch
 
@@ -152,6 +166,7 @@ def test_inference_dtype_casts_for_the_block_and_restores_the_exact_weights(embe
         assert embedded.model.get_input_embeddings().weight.dtype == torch.float32
 
 
+@pytest.mark.slow  # the real model
 def test_next_token_logprobs_come_back_in_input_order(embedded):
     import torch
 

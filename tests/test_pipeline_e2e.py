@@ -55,16 +55,25 @@ def test_stages_1_to_3_write_records_and_a_manifest_that_matches(tmp_path, embed
     assert run.status("verdicts") == "done"
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path, embedded):
+def test_resuming_with_other_settings_is_refused(tmp_path, embedded, capsys):
     run_pipeline(load_config("micro"), tmp_path / "run", until="queries", quiet=True, model=embedded)
+    before = (tmp_path / "run" / "manifest.json").read_bytes()
     code = main(["run", "--preset", "micro", "--n", "4", "--until", "queries", "--out", str(tmp_path / "run"),
                  "--quiet"])
+    # Every error exits with 2: the message must be this one, naming the setting and both values.
     assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"prism: error: {tmp_path / 'run'} was started with different settings "
+                   "(queries.n_per_persona: 3 -> 4); resume it with the same settings or choose a new --out")
+    assert (tmp_path / "run" / "manifest.json").read_bytes() == before  # the run is left as it was
+    # A speed setting may differ: the same run resumes (nothing left to do) with another batch size.
+    assert main(["run", "--preset", "micro", "--batch-size", "3", "--until", "queries", "--out",
+                 str(tmp_path / "run"), "--quiet"]) == 0
 
 
 def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "prism.cli", "run", "--preset", "micro", "--n", "6", "--batch-size", "2",
+    cmd = [sys.executable, "-m", "prism.cli", "run", "--preset", "micro", "--n", "4", "--batch-size", "2",
            "--until", "verdicts", "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -72,7 +81,7 @@ def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):
     deadline = time.time() + 600
     try:
         while time.time() < deadline:  # kill as soon as stage 2 has saved some but not all items
-            if answers.exists() and len(read_jsonl(answers, repair=False)) >= 4:
+            if answers.exists() and len(read_jsonl(answers, repair=False)) >= 2:
                 break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
@@ -86,7 +95,7 @@ def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):
     assert manifest["stages"]["answers"]["status"] == "running"
     saved = answers.read_bytes()
     n_saved = len(read_jsonl(answers))
-    assert 4 <= n_saved < 12
+    assert 2 <= n_saved < 8
     queries_before = (out / "queries.jsonl").read_bytes()
 
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
@@ -94,8 +103,8 @@ def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):
     after = answers.read_bytes()
     assert after.startswith(saved[: saved.rfind(b"\n") + 1])  # finished answers kept as they were
     ids = _ids(answers, "query_id")
-    assert len(ids) == len(set(ids)) == 12  # nothing answered twice, nothing missing
+    assert len(ids) == len(set(ids)) == 8  # nothing answered twice, nothing missing
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done" for s in ("queries", "answers", "verdicts"))
-    assert manifest["stages"]["answers"]["count"] == 12
-    assert len(read_jsonl(out / "verdicts.jsonl")) == 12
+    assert manifest["stages"]["answers"]["count"] == 8
+    assert len(read_jsonl(out / "verdicts.jsonl")) == 8

@@ -41,6 +41,7 @@ def test_accept_filters_short_deduplicates_and_caps():
     assert normalise("Why do stars twinkle at night?") not in seen  # never looked at: cap reached
 
 
+@pytest.mark.slow  # the real model
 def test_query_prompts_vary_the_phrasing_across_keys_styles_and_openers(embedded):
     """A gate learns from these queries: memory questions must come with "my" and "I" phrasings and
     general ones in every style, or it learns a word instead of the question (see stages/queries)."""

@@ -1,7 +1,8 @@
 """The real server on a loopback port, driven by the official `openai` client and raw HTTP.
 
-One micro run is built for the module; a local server, a router in front of it, and a small
-server with a one-slot queue all serve it.
+The session's micro run, with a gate that really routes (conftest.install_two_route_gate: the
+run's own gate is a constant rule), is served by a local server, a router in front of it, and a
+small server with a one-slot queue.
 """
 
 import asyncio
@@ -15,10 +16,13 @@ import httpx
 import openai
 import pytest
 
+from prism.cli import main
 from prism.config import load_config
 from prism.io import read_jsonl
 from prism.pipeline import run_pipeline
 from prism.serve.server import BackgroundServer, free_port
+
+from conftest import TO_ADAPTER, TO_BASE
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -29,8 +33,8 @@ MICRO = {"persona_length": "minimal"}
 
 
 @pytest.fixture(scope="module")
-def run_dir(micro_run):
-    return micro_run
+def run_dir(routing_run):
+    return routing_run
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +57,18 @@ def client(local):
 
 
 def gate_route(run_dir, embedded, messages):
-    """The gate's decision computed apart from the server (layer 0 is never adapted)."""
-    from prism.gate import Gate
-    from prism.routed import PrismModel
+    """The gate's decision computed apart from the server and from the routed model's code: the
+    saved gate's decision rule on the layer-0 features of the first user turn, that prompt alone."""
+    from types import SimpleNamespace
 
-    return PrismModel(embedded, None, Gate.load(run_dir / "gate")).route([messages])[0]
+    from prism.gate import BASE, Gate
+
+    gate = Gate.load(run_dir / "gate")
+    first = next(m["content"] for m in messages if m["role"] == "user")
+    choice, probs = gate.decide(embedded.layer1_states([embedded.user_prompt(first)], pooling=gate.spec.pooling))
+    name = gate.spec.classes[int(choice[0])]
+    return SimpleNamespace(name=name, adapter=None if name == BASE else name,
+                           probability=float(probs[0, int(choice[0])]))
 
 
 def test_chat_plain_reports_route_and_usage(local, client, run_dir, embedded):
@@ -134,33 +145,75 @@ def test_models_completions_and_health(local, client):
     assert health["stats"]["requests"] >= 2
 
 
-def test_32_concurrent_clients_are_all_answered_in_batches(local):
+def test_a_burst_of_32_mixed_requests_gets_what_each_gets_alone(local, client, run_dir, embedded):
+    """32 clients at once: 8 conversations, each sent as `prism` (the gate decides), `prism-base` and
+    `prism-adapter`, greedy, plus a seeded sampled `prism` request each (half of those streamed).
+    Batched together (one layer-0 pass routes the gated ones, left-padded to a common length; one
+    decode batch per route), every request must get the route and the text it gets alone."""
+    convs = [TO_ADAPTER[0], TO_BASE[0], TO_ADAPTER[3], TO_BASE[2],
+             TO_ADAPTER[6] + " Show each step of the working and check the result at the end.",
+             TO_BASE[4] + " I have eggs, flour, milk and a little sugar, and I would like them fluffy.",
+             TO_ADAPTER[7], TO_BASE[5]]
+    requests = [(i, model, None) for i in range(len(convs)) for model in ("prism", "prism-base", "prism-adapter")]
+    requests += [(i, "prism", 100 + i) for i in range(len(convs))]  # sampled at temperature 1, seeded
+
+    def body(i, model, seed):
+        sampling = {"temperature": 0} if seed is None else {"temperature": 1.0, "top_p": 0.9, "seed": seed}
+        return dict(model=model, messages=[{"role": "user", "content": convs[i]}], max_tokens=6, **sampling)
+
+    # Alone: the gate's decision for each conversation by itself (computed apart from the server),
+    # and each forced or sampled request sent by itself (a batch of one).
+    gate = {i: gate_route(run_dir, embedded, [{"role": "user", "content": c}]) for i, c in enumerate(convs)}
+    alone = {}
+    for i, model, seed in requests:
+        if model == "prism" and seed is None:
+            continue  # its text is the forced route's (checked below), its route the gate's
+        r = client.chat.completions.create(**body(i, model, seed))
+        alone[(i, model, seed)] = r.choices[0].message.content
+        if seed is not None:
+            assert r.prism["route"] == gate[i].name
+    for i in range(len(convs)):
+        alone[(i, "prism", None)] = alone[(i, "prism-adapter" if gate[i].adapter else "prism-base", None)]
     before = httpx.get(local.url + "/health", timeout=10).json()["stats"]
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=local.url + "/v1", api_key=KEY, timeout=180, max_retries=0)
+        aclient = openai.AsyncOpenAI(base_url=local.url + "/v1", api_key=KEY, timeout=180, max_retries=0)
 
-        async def one(i):
-            msgs = [{"role": "user", "content": f"Give me fact number {i} about the moon."}]
-            if i % 2:
-                stream = await client.chat.completions.create(model="prism", messages=msgs, max_tokens=8,
-                                                              stream=True, seed=i)
+        async def one(i, model, seed):
+            if seed is not None and seed % 2:
+                stream = await aclient.chat.completions.create(**body(i, model, seed), stream=True)
                 parts = [c async for c in stream]
-                return "".join(c.choices[0].delta.content or "" for c in parts if c.choices), parts[-1].usage
-            resp = await client.chat.completions.create(model="prism", messages=msgs, max_tokens=8, seed=i)
-            return resp.choices[0].message.content, resp.usage
+                text = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+                return text, parts[0].prism
+            r = await aclient.chat.completions.create(**body(i, model, seed))
+            return r.choices[0].message.content, r.prism
 
         try:
-            return await asyncio.gather(*(one(i) for i in range(32)))
+            # A longer request first, so that the 32 queue up behind it and are taken in full
+            # batches (mixed routes, in arrival order), not one by one as they arrive.
+            blocker = asyncio.create_task(aclient.chat.completions.create(
+                model="prism-base", messages=[{"role": "user", "content": TO_BASE[6]}], max_tokens=48, temperature=0))
+            await asyncio.sleep(0.3)
+            replies = await asyncio.gather(*(one(*req) for req in requests))
+            await blocker
+            return replies
         finally:
-            await client.close()
+            await aclient.close()
 
-    results = asyncio.run(main())
-    assert len(results) == 32
-    assert all(usage.completion_tokens >= 1 for _, usage in results)
+    together = dict(zip(requests, asyncio.run(main())))
+    assert len(together) == 32
+    for (i, model, seed), (text, info) in together.items():
+        route = {"prism-base": "base", "prism-adapter": "adapter"}.get(model, gate[i].name)
+        assert info["route"] == route and text == alone[(i, model, seed)], ((i, model, seed), text, info)
+        if model == "prism":  # the same gate probability as alone, though computed in a padded batch
+            assert info["score"] == pytest.approx(gate[i].probability, abs=1e-3)
+    # The test means something: the gate sends some conversations to the adapter and some to the
+    # base model (its own training prompts exactly as trained), and the adapter changes the text.
+    assert {gate[i].name for i in (0, 2, 6)} == {"adapter"} and {gate[i].name for i in (1, 3, 7)} == {"base"}
+    assert any(alone[(i, "prism-base", None)] != alone[(i, "prism-adapter", None)] for i in range(len(convs)))
     after = httpx.get(local.url + "/health", timeout=10).json()["stats"]
-    assert after["requests"] - before["requests"] == 32 and after["errors"] == before["errors"]
-    assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1  # really batched
+    assert after["requests"] - before["requests"] == 33 and after["errors"] == before["errors"]
+    assert after["batches"] - before["batches"] <= 8 and after["largest_batch"] == 16  # really batched
 
 
 def _post(url, body, key=KEY, raw=None, headers=None):
@@ -268,7 +321,8 @@ def test_router_forwards_to_upstream_by_route(local, run_dir):
     up = openai.OpenAI(base_url=local.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     with BackgroundServer(app) as router:
         rc = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        for msgs in (HELLO, [{"role": "user", "content": "Solve 12 * 7 and explain the steps."}]):
+        routes = []
+        for msgs in (HELLO, [{"role": "user", "content": TO_ADAPTER[1]}]):
             raw = rc.chat.completions.with_raw_response.create(model="prism", messages=msgs, max_tokens=10,
                                                                 temperature=0)
             via_router = raw.parse()
@@ -278,6 +332,8 @@ def test_router_forwards_to_upstream_by_route(local, run_dir):
             assert via_router.prism["score"] == pytest.approx(direct.prism["score"], abs=1e-3)
             assert via_router.choices[0].message.content == direct.choices[0].message.content
             assert via_router.model == "prism" and via_router.usage.completion_tokens >= 1
+            routes.append(via_router.prism["route"])
+        assert routes == ["base", "adapter"]  # both ways through the router
         chunks = list(rc.chat.completions.create(model="prism-adapter", messages=HELLO, max_tokens=8,
                                                  temperature=0, stream=True))
         forced = up.chat.completions.create(model="prism-adapter", messages=HELLO, max_tokens=8, temperature=0)
@@ -319,13 +375,38 @@ def test_prism_serve_cli_router_binds_loopback(local, run_dir):
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["mode"] == "router" and health["upstream_models"]["base"] == "prism-base"
         rc = openai.OpenAI(base_url=url + "/v1", api_key="router-key", max_retries=0, timeout=120)
-        reply = rc.chat.completions.create(model="prism", messages=HELLO, max_tokens=4, temperature=0)
-        assert reply.choices[0].message.content and reply.prism["route"] in ("adapter", "base")
+        for msgs, route in ((HELLO, "base"), ([{"role": "user", "content": TO_ADAPTER[4]}], "adapter")):
+            reply = rc.chat.completions.create(model="prism", messages=msgs, max_tokens=4, temperature=0)
+            assert reply.choices[0].message.content and reply.prism["route"] == route
         assert _post(url + "/v1/chat/completions", {"messages": USER}, "wrong").status_code == 401
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}" in out  # loopback unless told otherwise
+
+
+def test_eval_judge_url_talks_to_our_own_server(local, tmp_path, benchmarks_dir, monkeypatch, capsys):
+    """`prism eval --judge-url` sends MT-Bench's judge prompt to our server as the served model named,
+    with the key from --judge-key-env. The HTTP judge asks for up to 1024 tokens per judgment, more
+    than this server allows (256), so the request is refused and the eval ends with one line naming
+    the server and the problem. (A judgment that is answered takes the 135M model 1024 tokens,
+    about a minute each here: too slow for the suite; the parsing of replies is tested apart.)"""
+    monkeypatch.setenv("PRISM_TEST_JUDGE_KEY", KEY)
+    before = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    argv = ["eval", "--model", "embedded", "--out", str(tmp_path / "e"), "--preset", "micro", "--data",
+            str(benchmarks_dir), "--systems", "base", "--benchmarks", "mtbench", "--limit", "mtbench=1",
+            "--judge-url", local.url, "--judge-served-model", "prism-base", "--judge-key-env", "PRISM_TEST_JUDGE_KEY",
+            "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"prism: error: {local.url}/v1/chat/completions answered 400: max_tokens must be between 1 "
+                   "and 256, got 1024")
+    after = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    assert after["requests"] == before["requests"]  # refused before it joined the queue
+    # Without the key the server refuses it as unauthorised, which names the key problem instead.
+    monkeypatch.delenv("PRISM_TEST_JUDGE_KEY")
+    assert main(argv) == 2
+    assert "answered 401: invalid or missing API key" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -402,5 +483,5 @@ def test_exported_adapter_is_the_same_function(run_dir, tmp_path):
         a.base_model.disable_adapter_layers()
         plain = a(input_ids=ids).logits
     assert torch.allclose(la, lb, atol=1e-5)  # zero LoRA on layer 0 == no LoRA on layer 0
-    if json.loads((run_dir / "manifest.json").read_text())["stages"]["distill"]["trained"]:
-        assert not torch.allclose(la, plain, atol=1e-4)  # and the adapter is really there
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["distill"]["trained"]
+    assert not torch.allclose(la, plain, atol=1e-4)  # and the adapter is really there

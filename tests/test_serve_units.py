@@ -76,6 +76,7 @@ def test_model_ids_force_each_adapter_and_prism_adapter_names_an_only_adapter():
     assert e.value.status == 404 and "prism-zorblax" in e.value.message
 
 
+@pytest.mark.slow  # the real model
 def test_text_stream_holds_back_possible_stop_strings(embedded):
     tok = embedded.tokenizer
     ids = tok("Hello there. The END is near", add_special_tokens=False)["input_ids"]
@@ -107,6 +108,7 @@ def _rows(model, prompts, sampling, out):
     return rows
 
 
+@pytest.mark.slow  # the real model
 def test_decode_batch_greedy_matches_hf_generate(embedded):
     """The server's decode loop (KV cache, left padding, finished rows dropped from the batch)
     gives the same greedy text as Hugging Face generate, prompt by prompt."""
@@ -121,6 +123,7 @@ def test_decode_batch_greedy_matches_hf_generate(embedded):
         assert out[i]["reason"] == ("length" if ref.n_tokens == [4, 14, 9][i] else "stop")
 
 
+@pytest.mark.slow  # the real model
 def test_decode_batch_seeded_sampling_is_reproducible_across_batches(embedded):
     prompt = embedded.user_prompt("Write a short poem about the sea.")
     other = embedded.user_prompt("Explain what a compiler does in two sentences.")

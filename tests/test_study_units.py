@@ -124,11 +124,13 @@ def test_benjamini_hochberg_step_up():
     assert benjamini_hochberg([0.0, 0.0]) == [True, True]
 
 
-def _synthetic_rows(effect: float = 10.0, n: int = 20) -> dict:
-    """Scores where persona `math` adds `effect` points on MMLU stem and nothing anywhere else."""
+def _synthetic_rows(effect: float = 10.0, n: int = 20, flip: float = 0.0, seed: int = 0) -> dict:
+    """Scores where persona `math` adds `effect` points on MMLU stem and nothing anywhere else.
+    `flip`: each (condition, item) score other than the baseline's is flipped (0 <-> 100) with this
+    probability, independently: noise with no effect, so the paired differences are not all 0."""
     cfg = load_study_config("quick", overrides={"personas": ["math", "writing"], "lengths": ["long"],
                                                 "placements": ["system"]})
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     items = [(f"s{i}", "mmlu", "stem") for i in range(n)] + [(f"h{i}", "mmlu", "humanities") for i in range(n)]
     base = {i: float(rng.integers(0, 2)) * 100 for i, _, _ in items}
     pmap = {**DEFAULT_PERSONA_MAP, "stem": "math", "humanities": "writing"}
@@ -136,7 +138,10 @@ def _synthetic_rows(effect: float = 10.0, n: int = 20) -> dict:
     for cond in expand_grid(cfg, ["math", "writing"]):
         for iid, bench, cat in items:
             used = persona_for(cond, iid, cat, pmap, ["math", "writing"], 0)
-            score = base[iid] + (effect if used == "math" and cat == "stem" else 0.0)
+            score = base[iid]
+            if used is not None and rng.random() < flip:
+                score = 100.0 - score
+            score += effect if used == "math" and cat == "stem" else 0.0
             rows.append({"condition": cond.label, "persona": cond.persona, "length": cond.length,
                          "placement": cond.placement, "persona_used": used, "item": iid, "benchmark": bench,
                          "category": cat, "score": score, "tokens": None})
@@ -158,17 +163,55 @@ def test_analysis_finds_a_planted_effect_and_nothing_else():
     assert a["expert"]["mmlu/humanities"]["vs_random"]["diff"] == 0
     # pooled over MMLU: half the items move by 10
     assert a["expert_by_benchmark"]["mmlu"]["vs_none"]["diff"] == pytest.approx(5.0)
-    tests = mark_significance(all_tests(a))
-    sig = {t["what"] for t in tests if t["significant"]}
-    assert "mmlu/stem: persona math vs no persona" in sig
-    assert "mmlu/humanities: persona math vs no persona" not in sig
-    assert "mmlu/stem: persona writing vs no persona" not in sig
+    tests = {t["what"]: t for t in mark_significance(all_tests(a))}
+    # The planted effect is found, and survives the false-discovery correction.
+    planted = tests["mmlu/stem: persona math vs no persona"]
+    assert planted["significant"] and planted["significant_fdr"]
+    for what in ("mmlu/humanities: persona math vs no persona", "mmlu/stem: persona writing vs no persona"):
+        assert not tests[what]["significant"] and not tests[what]["significant_fdr"]
 
 
-def test_analysis_without_an_effect_reports_nothing_significant():
-    result, cfg = _synthetic_rows(effect=0.0)
+def test_analysis_of_noise_without_an_effect_reports_nothing_after_the_correction():
+    # Independent flips of 30% of the persona conditions' scores: the paired differences are real
+    # noise (not all exactly 0, which any code would pass), centred on no effect. With this seed one
+    # of the 12 effects has p < 0.05 by chance, which the false-discovery correction must remove.
+    result, cfg = _synthetic_rows(effect=0.0, flip=0.3, seed=4)
     tests = mark_significance(all_tests(analyse(result, cfg)))
-    assert tests and not any(t["significant"] for t in tests)
+    assert len(tests) == 12  # 3 by benchmark, 4 by category, 1 cell, 4 heatmap cells
+    assert sum(t["diff"] != 0 for t in tests) > len(tests) // 2  # the noise reaches the differences
+    assert sum(t["significant"] for t in tests) == 1  # about 5% pass by chance...
+    assert not any(t["significant_fdr"] for t in tests)  # ...but none survives Benjamini-Hochberg
+    # The same noise with the planted effect on top: it is found again.
+    result, cfg = _synthetic_rows(effect=70.0, flip=0.3, seed=4)
+    tests = {t["what"]: t for t in mark_significance(all_tests(analyse(result, cfg)))}
+    assert tests["mmlu/stem: persona math vs no persona"]["significant_fdr"]
+
+
+def test_mark_significance_needs_the_ci_the_p_value_and_the_correction():
+    def effect(lo, hi, p):
+        return {"diff": (lo + hi) / 2, "lo": lo, "hi": hi, "p": p, "n": 10}
+
+    tests = mark_significance([effect(1, 3, 0.001), effect(1, 3, 0.035), effect(1, 3, 0.3), effect(-1, 3, 0.001),
+                               effect(-3, -1, 0.01)])
+    # CI excludes 0 and p < 0.05: the 1st, 2nd and 5th. BH over 5 p-values (sorted 0.001, 0.001,
+    # 0.01, 0.035, 0.3 against 0.01, 0.02, 0.03, 0.04, 0.05) rejects the four smallest; the 4th
+    # has a CI that straddles 0, so it is not significant either way.
+    assert [t["significant"] for t in tests] == [True, True, False, False, True]
+    assert [t["significant_fdr"] for t in tests] == [True, True, False, False, True]
+    three = mark_significance([effect(1, 3, 0.001), effect(1, 3, 0.04), effect(1, 3, 0.3)])
+    # thresholds 0.0167, 0.033, 0.05: 0.04 passes the CI and p test but not the correction
+    assert [t["significant"] for t in three] == [True, True, False]
+    assert [t["significant_fdr"] for t in three] == [True, False, False]
+    # ... and findings.md words each case differently
+    from prism.study.report import sentence
+
+    for t, name in zip(three, ("a", "b", "c")):
+        t["what"] = f"effect {name}"
+    assert [sentence(t) for t in three] == [
+        "effect a: +2.0 points (95% CI +1.0 to +3.0, n=10); significant after the false-discovery correction.",
+        "effect b: +2.0 points (95% CI +1.0 to +3.0, n=10); CI excludes 0, but not after the false-discovery "
+        "correction.",
+        "effect c: +2.0 points (95% CI +1.0 to +3.0, n=10); not significant."]
 
 
 def test_report_with_two_models_has_the_model_summary(tmp_path):
@@ -190,3 +233,50 @@ def test_report_with_two_models_has_the_model_summary(tmp_path):
     assert "model-a" in findings and "model-b" in findings
     with pytest.raises(ValueError, match="same name"):
         write_outputs(tmp_path, [analyses[0], analyses[0]], cfg, {})
+
+
+def test_length_and_placement_contrasts_and_their_findings_sentences(tmp_path):
+    """The matched expert adds 20 points only when long and in the system turn: the contrasts name
+    that with the right sign, and findings.md says it in words with its numbers."""
+    from prism.study import write_outputs
+
+    cfg = load_study_config("quick", overrides={"personas": ["math", "writing"], "lengths": ["long", "minimal"],
+                                                "placements": ["system", "user"], "n_boot": 500})
+    names = ["math", "writing"]
+    pmap = {**DEFAULT_PERSONA_MAP, "stem": "math", "humanities": "writing"}
+    rng = np.random.default_rng(1)
+    items = [(f"s{i}", "stem") for i in range(20)] + [(f"h{i}", "humanities") for i in range(20)]
+    base = {i: float(rng.integers(0, 2)) * 100 for i, _ in items}
+    rows = []
+    for cond in expand_grid(cfg, names):
+        lift = 20.0 if (cond.persona, cond.length, cond.placement) == ("matched", "long", "system") else 0.0
+        for iid, cat in items:
+            rows.append({"condition": cond.label, "persona": cond.persona, "length": cond.length,
+                         "placement": cond.placement, "persona_used": persona_for(cond, iid, cat, pmap, names, 0),
+                         "item": iid, "benchmark": "mmlu", "category": cat, "score": base[iid] + lift,
+                         "tokens": None})
+    a = analyse({"model": "synthetic", "rows": rows, "personas": names, "persona_map": pmap}, cfg)
+    c = a["contrasts"]
+    assert set(c) == {"MMLU: long vs minimal persona (system turn)", "MMLU: long vs minimal persona (user turn)",
+                      "MMLU: system vs user turn (long persona)", "MMLU: system vs user turn (minimal persona)"}
+    assert c["MMLU: long vs minimal persona (system turn)"]["diff"] == pytest.approx(20.0)  # first minus second
+    assert c["MMLU: system vs user turn (long persona)"]["diff"] == pytest.approx(20.0)
+    assert c["MMLU: long vs minimal persona (user turn)"]["diff"] == 0
+    assert c["MMLU: system vs user turn (minimal persona)"]["diff"] == 0
+    cells = a["length_placement"]["mmlu"]
+    assert cells["long/system"]["diff"] == pytest.approx(20.0)
+    assert {k: v["diff"] for k, v in cells.items() if k != "long/system"} == {
+        "long/user": 0, "minimal/system": 0, "minimal/user": 0}
+
+    write_outputs(tmp_path, [a], cfg, {})
+    findings = (tmp_path / "findings.md").read_text()
+    section = findings.split("## Length and placement contrasts (matched expert against itself)")[1].split("## ")[0]
+    assert "2 of 4 effects are significant" in section
+    assert ("- MMLU: long vs minimal persona (system turn): +20.0 points (95% CI +20.0 to +20.0, n=40); "
+            "significant after the false-discovery correction.") in section
+    assert ("- MMLU: system vs user turn (long persona): +20.0 points (95% CI +20.0 to +20.0, n=40); "
+            "significant after the false-discovery correction.") in section
+    assert "- The largest of the other 2: MMLU: " in section and section.rstrip().endswith("not significant.")
+    placement = findings.split("## Context length and placement (matched expert vs no persona)")[1].split("## ")[0]
+    assert "1 of 4 effects are significant" in placement
+    assert "- MMLU: matched expert, long persona in the system turn, vs no persona: +20.0 points" in placement
