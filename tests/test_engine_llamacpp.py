@@ -14,6 +14,7 @@ from prism.serve.server import BackgroundServer
 pytest.importorskip("xllamacpp", reason="the llamacpp engine needs xllamacpp (pip install 'prism-persona[llamacpp]')")
 
 # The same tests, collected here with this module's `local` fixture (the engine's server).
+from conftest import TO_ADAPTER, TO_BASE  # noqa: E402
 from test_serve import (CONTEXT, HELLO, KEY, ERRORS, USER, _post, client,  # noqa: E402,F401
                         run_dir, test_bad_requests_get_openai_error_bodies, test_chat_plain_reports_route_and_usage,
                         test_forced_routes_seed_stop_and_length, test_models_completions_and_health,
@@ -73,28 +74,30 @@ def test_scoring_is_refused_with_a_reason(local):
 
 
 def test_32_concurrent_clients_and_bad_neighbours(local):
-    """32 clients at once (half streaming, every third forcing a route), with malformed requests in
-    between: every good one gets its reply, each bad one its own 4xx, and greedy replies equal the
-    ones each request gets alone."""
-    alone = {}
-    sync = openai.OpenAI(base_url=local.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    """32 clients at once (half streaming, the model ids mixed), with malformed requests in between:
+    every good one gets a reply with the route it gets alone, each bad one its own 400. (Texts are
+    not compared with the replies alone: llama.cpp's batched kernels may change a greedy token when
+    the batch around a sequence changes; test_serve.py checks that for the torch engine.)"""
     models = ["prism", "prism-base", "prism-adapter"]
-    for i in range(3):
-        msgs = [{"role": "user", "content": f"Give me fact number {i} about the moon."}]
-        alone[i] = sync.chat.completions.create(model=models[i], messages=msgs, max_tokens=8,
-                                                temperature=0).choices[0].message.content
+    convs = [TO_ADAPTER[0], TO_BASE[0], TO_ADAPTER[3], TO_BASE[2]]
+    sync = openai.OpenAI(base_url=local.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    alone = {(c, m): sync.chat.completions.create(model=m, messages=[{"role": "user", "content": c}], max_tokens=4,
+                                                  temperature=0).prism["route"]
+             for c in convs for m in models}
 
     async def main():
         client = openai.AsyncOpenAI(base_url=local.url + "/v1", api_key=KEY, timeout=180, max_retries=0)
         raw = httpx.AsyncClient(timeout=60)
 
         async def one(i):
-            msgs = [{"role": "user", "content": f"Give me fact number {i % 3 if i < 6 else i} about the moon."}]
-            kw = dict(model=models[i % 3], messages=msgs, max_tokens=8, temperature=0)
+            c, m = convs[i % len(convs)], models[i % 3]
+            kw = dict(model=m, messages=[{"role": "user", "content": c}], max_tokens=8, temperature=0)
             if i % 2:
-                parts = [c async for c in await client.chat.completions.create(stream=True, **kw)]
-                return "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
-            return (await client.chat.completions.create(**kw)).choices[0].message.content
+                parts = [p async for p in await client.chat.completions.create(stream=True, **kw)]
+                text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+                return (c, m), text, parts[0].prism["route"]
+            r = await client.chat.completions.create(**kw)
+            return (c, m), r.choices[0].message.content, r.prism["route"]
 
         async def bad(i):
             r = await raw.post(local.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
@@ -109,8 +112,10 @@ def test_32_concurrent_clients_and_bad_neighbours(local):
             await raw.aclose()
 
     good, bad = asyncio.run(main())
-    assert all(isinstance(t, str) and t for t in good) and set(bad) == {400}
-    assert [good[i] for i in range(6)] == [alone[i % 3] for i in range(6)]
+    assert set(bad) == {400}
+    assert all(text for _, text, _ in good)
+    assert all(route == alone[key] for key, _, route in good)
+    assert {route for _, _, route in good} == {"base", "adapter"}  # both routes were in the burst
     stats = httpx.get(local.url + "/health", timeout=10).json()["stats"]
     assert stats["upstream_errors"] == 0
 
