@@ -109,19 +109,19 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         app = create_router_app(PrismModel.load_gate_only(run_dir), opts)
         log.info("router: gate local, generation on %s (base %r, adapter %r)", upstream, opts.upstream_base,
                  upstream_adapter)
-    elif _engine_for(run_dir, engine, gguf) == "llamacpp":
-        from prism.serve.router import RouterOptions, create_engine_app
-
-        slots = options.get("max_batch") or 16
-        prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=slots)
-        opts = RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options))
-        app = create_engine_app(prism, opts)
-        log.info("gate in torch (layer 0), generation on llama.cpp (%s, %d slots)", prism.engine.gguf.name, slots)
     else:
         from prism.serve.app import ServeOptions, create_app
 
-        opts = ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options))
-        app = create_app(PrismModel.load(run_dir), opts)
+        local = ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options))  # every limit checked first
+        if _engine_for(run_dir, engine, gguf) == "llamacpp":
+            from prism.serve.router import RouterOptions, create_engine_app
+
+            prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=local.max_batch)
+            app = create_engine_app(prism, RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options)))
+            log.info("gate in torch (layer 0), generation on llama.cpp (%s, %d slots)", prism.engine.gguf.name,
+                     local.max_batch)
+        else:
+            app = create_app(PrismModel.load(run_dir), local)
     mode = "router" if upstream else "llamacpp" if hasattr(app.state, "prism") else "local"
     print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {mode})",
           flush=True)
