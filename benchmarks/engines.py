@@ -4,7 +4,7 @@ reference) and llamacpp (in-process llama.cpp through xllamacpp; the gate stays 
     python benchmarks/engines.py [--run-dir RUN] [--max-tokens 128] [--clients 16]
 
 Without --run-dir a micro run is built once in runs/serve-bench (about a minute; reused after).
-Phases, each engine in turn (the other one unloaded):
+Phases, each engine in turn (llama.cpp first, then torch):
   serve, one client   `prism serve` on loopback, the `openai` client, one request at a time,
                       `prism-base` (adapter off), `prism-adapter` (on) and `prism` (the gate decides)
   serve, N clients    N clients at once, 2 requests each, through the same server
@@ -128,35 +128,15 @@ def main() -> int:
         run_pipeline(load_config("micro"), run_dir, quiet=True)
     data = {"machine": machine(), "command": command(), "run_dir": str(run_dir), "max_tokens": args.max_tokens}
 
-    # ----- torch ---------------------------------------------------------------------------------
-    with RssSampler() as rss:
-        torch_model = PrismModel.load(run_dir)
-        adapter_id = f"prism-{torch_model.adapters[0]}"  # forced on: the first adapter
-        app = create_app(torch_model, ServeOptions(max_batch=args.clients, max_queue=128))
-        with BackgroundServer(app) as server:
-            data["torch_serve"] = serve_phases(server.url, args.max_tokens, args.clients, args.repeats,
-                                              adapter_id)
-        chat = torch_model.model
-        prompts = [chat.user_prompt(q) for q in (SHORT * 2)]
-        chat.batch_size = 32
-        data["bulk_torch_float32"] = bulk_rate(lambda p, n: chat.generate(p, n, temperature=0.8, seed=1), prompts,
-                                               args.max_tokens)
-        with chat.inference_dtype("bfloat16"):
-            data["bulk_torch_bfloat16"] = bulk_rate(lambda p, n: chat.generate(p, n, temperature=0.8, seed=1),
-                                                    prompts, args.max_tokens)
-        convs = [[{"role": "user", "content": q}] for q in SHORT]
-        on_off = (False, torch_model.adapters[0])
-        greedy = {on: [r.text for r in torch_model.chat_batch(convs, 64, adapter=on)] for on in on_off}
-        route_prompts = [f"{q} ({i})" for i in range(13) for q in SHORT][:200]
-        torch_routes = [r.name for r in torch_model.route([[{"role": "user", "content": p}] for p in route_prompts])]
-        tok = chat.token_ids
-    data["torch_peak_rss_mb"] = round(rss.peak)
-    del torch_model, app, chat
-    gc.collect()
-
     # ----- llama.cpp -------------------------------------------------------------------------------
+    # llama.cpp first: run after the torch phase in the same process, its serving lost about a third.
     with RssSampler() as rss:
         engine_model = PrismModel.load_on_engine(run_dir, slots=max(args.clients, 16))
+        adapter_id = f"prism-{engine_model.adapters[0]}"  # forced on: the first adapter
+        prompts = [engine_model.model.user_prompt(q) for q in (SHORT * 2)]
+        convs = [[{"role": "user", "content": q}] for q in SHORT]
+        on_off = (False, engine_model.adapters[0])
+        route_prompts = [f"{q} ({i})" for i in range(13) for q in SHORT][:200]
         app = create_engine_app(engine_model, RouterOptions())
         with BackgroundServer(app) as server:
             data["llamacpp_serve"] = serve_phases(server.url, args.max_tokens, args.clients, args.repeats,
@@ -171,8 +151,28 @@ def main() -> int:
     data["bulk_llamacpp_q4_1"] = bulk_rate(lambda p, n: q4.generate(p, n, temperature=0.8, seed=1), ids,
                                            args.max_tokens)
     q4_greedy = [g.text for g in q4.generate(ids[: len(SHORT)], 64)]
-    del q4
+    del q4, engine_model, app
+    gc.collect()
     data["gguf"] = str(embedded_float_gguf())
+
+    # ----- torch ---------------------------------------------------------------------------------
+    with RssSampler() as rss:
+        torch_model = PrismModel.load(run_dir)
+        app = create_app(torch_model, ServeOptions(max_batch=args.clients, max_queue=128))
+        with BackgroundServer(app) as server:
+            data["torch_serve"] = serve_phases(server.url, args.max_tokens, args.clients, args.repeats,
+                                              adapter_id)
+        chat = torch_model.model
+        chat.batch_size = 32
+        data["bulk_torch_float32"] = bulk_rate(lambda p, n: chat.generate(p, n, temperature=0.8, seed=1), prompts,
+                                               args.max_tokens)
+        with chat.inference_dtype("bfloat16"):
+            data["bulk_torch_bfloat16"] = bulk_rate(lambda p, n: chat.generate(p, n, temperature=0.8, seed=1),
+                                                    prompts, args.max_tokens)
+        greedy = {on: [r.text for r in torch_model.chat_batch(convs, 64, adapter=on)] for on in on_off}
+        torch_routes = [r.name for r in torch_model.route([[{"role": "user", "content": p}] for p in route_prompts])]
+        tok = chat.token_ids
+    data["torch_peak_rss_mb"] = round(rss.peak)
 
     # ----- agreement ---------------------------------------------------------------------------
     agreement = {}
