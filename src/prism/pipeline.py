@@ -89,11 +89,13 @@ def _run_stages(run: RunDir, config: PrismConfig, model: ChatModel, personas, pe
         log.info("generating on %s (model %s)", config.generator_url, model.generator.model)
     elif {"queries", "answers", "verdicts"} & set(pending) and \
             pick_engine(config.engine, config.model, config.gguf, config.device, job="bulk") == "llamacpp":
-        from prism.model.llamacpp import EngineGenerationModel, LlamaCppEngine, model_gguf
+        from prism.model.llamacpp import LlamaCppEngine, model_gguf
+        from prism.model.remote import RemoteGenerationModel
 
-        model = EngineGenerationModel(local, LlamaCppEngine(model_gguf(config.model, config.gguf),
-                                                            slots=config.batch_size, name=local.name))
-        log.info("generating on llama.cpp (%s)", model.engine.gguf.name)
+        model = RemoteGenerationModel(local, LlamaCppEngine(model_gguf(config.model, config.gguf),
+                                                            slots=config.batch_size, name=local.name,
+                                                            tokenize=local.token_ids))
+        log.info("generating on llama.cpp (%s)", model.generator.gguf.name)
     ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
     saved_prefix_cache = local.prefix_cache
     local.prefix_cache = config.prefix_cache
@@ -120,8 +122,7 @@ def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> 
     facts["tokens_generated"] = run.manifest["stages"][stage].get("tokens_generated", 0) + (
         model.tokens_generated - tok0)
     if stage in ("queries", "answers", "verdicts"):  # which engine generated (a resumed stage: the last)
-        facts["engine"] = ("remote" if hasattr(model, "generator") else "llamacpp" if hasattr(model, "engine")
-                           else "torch")
+        facts["engine"] = getattr(getattr(model, "generator", None), "engine", "torch")
     run.stage_done(stage, **facts)
     log.info("stage %s done in %.1fs: %s", stage, run.manifest["stages"][stage]["seconds"],
              {k: v for k, v in facts.items() if not isinstance(v, dict)})

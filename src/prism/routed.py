@@ -141,7 +141,7 @@ class PrismModel:
         routed = cls.load_gate_only(run.path)
         base = model_gguf(run.config().model, gguf)
         routed.engine = LlamaCppEngine(base, adapter_ggufs(run, base), slots=slots, context=context,
-                                       threads=threads, name=routed.model.name)
+                                       threads=threads, name=routed.model.name, tokenize=routed.model.token_ids)
         routed.created = run.manifest.get("created")
         return routed
 
@@ -259,8 +259,8 @@ class PrismModel:
         replies: list[ChatReply | None] = [None] * len(conversations)
         for name, idx in self.grouped([r.adapter for r in routes]):
             if self.engine is not None:
-                gens = self.engine.generate([self.model.token_ids(prompts[i]) for i in idx], max_new_tokens,
-                                            temperature, top_p, seed=seed, adapter=name)
+                gens = self.engine.generate([prompts[i] for i in idx], max_new_tokens, temperature, top_p, seed=seed,
+                                            adapter=name)
             else:
                 gens = self.model.generate([prompts[i] for i in idx], max_new_tokens, temperature, top_p, seed=seed)
             for i, g in zip(idx, gens):

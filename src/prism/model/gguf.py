@@ -32,12 +32,6 @@ def _reader(path: Path):
         raise RunError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def metadata(path: str | Path) -> dict:
-    """The key-value metadata of a GGUF file (tokenizer arrays left out)."""
-    return {k: f.contents() for k, f in _reader(Path(path)).fields.items()
-            if not k.startswith("GGUF.") and not k.startswith("tokenizer.ggml.")}
-
-
 def _copy_fields(reader, writer, skip: tuple[str, ...]) -> None:
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in skip:

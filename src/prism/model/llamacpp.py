@@ -109,7 +109,7 @@ class LlamaCppEngine:
     most of it. `url` is the server's own loopback address (OpenAI-compatible API), for a router."""
 
     def __init__(self, gguf: str | Path, loras: dict[str, str | Path] | None = None, slots: int = 16,
-                 context: int = 16384, threads: int | None = None, name: str | None = None):
+                 context: int = 16384, threads: int | None = None, name: str | None = None, tokenize=None):
         try:
             import xllamacpp
         except ImportError:
@@ -118,6 +118,10 @@ class LlamaCppEngine:
         self.gguf = Path(gguf)
         self.lora_names = list(loras or {})
         self.name = name or self.gguf.stem
+        self.engine = "llamacpp"  # what a run's manifest records as the generating engine
+        # Text prompts become these token ids (the torch engine's tokenizer), so both engines read
+        # the same input and llama.cpp adds no second BOS token.
+        self.tokenize = tokenize
         self.slots = slots
         params = xllamacpp.CommonParams()
         params.model.path = str(self.gguf)
@@ -170,6 +174,8 @@ class LlamaCppEngine:
         """One continuation per prompt (text, or token ids: what the torch engine reads), all in
         flight at once; prompt i samples with seed + i. `adapter`: the LoRA to apply (None: base)."""
         lora = self.lora_field(adapter)
+        if self.tokenize is not None:
+            prompts = [self.tokenize(p) if isinstance(p, str) else p for p in prompts]
 
         def one(i: int) -> Generation:
             body = {"prompt": prompts[i], "max_tokens": max_new_tokens, "temperature": temperature,
@@ -192,26 +198,3 @@ class LlamaCppEngine:
         self.tokens_generated += sum(g.n_tokens for g in out)
         return out
 
-    def close(self) -> None:
-        self.server = None
-
-
-class EngineGenerationModel:
-    """A local ChatModel whose `generate` runs on the llama.cpp engine (prompts sent as the token
-    ids the ChatModel's tokenizer makes); formatting, scoring and everything else stay local."""
-
-    def __init__(self, local, engine: LlamaCppEngine):
-        self.local = local
-        self.engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self.local, name)
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, progress=None, adapter: str | None = None) -> list[Generation]:
-        ids = [self.local.token_ids(p) for p in prompts]
-        return self.engine.generate(ids, max_new_tokens, temperature, top_p, seed, progress, adapter)
-
-    @property
-    def tokens_generated(self) -> int:
-        return self.local.tokens_generated + self.engine.tokens_generated

@@ -96,6 +96,7 @@ class RemoteGenerator:
         # Prompts already hold the template's special tokens; a server adding a BOS would double it.
         self.add_special_tokens = add_special_tokens
         self.model = model or self.client.first_model()
+        self.engine = "remote"  # what a run's manifest records as the generating engine
         self.tokens_generated = 0
 
     def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
@@ -133,7 +134,8 @@ class RemoteGenerator:
 
 
 class RemoteGenerationModel:
-    """A local ChatModel whose `generate` runs on a remote server; everything else is local."""
+    """A local ChatModel whose `generate` runs on another generator (a server's RemoteGenerator, or
+    the in-process LlamaCppEngine); formatting, scoring and everything else stay local."""
 
     def __init__(self, local: ChatModel, generator: RemoteGenerator):
         self.local = local
