@@ -313,7 +313,7 @@ def test_router_forwards_to_upstream_by_route(local, run_dir):
     from prism.routed import PrismModel
     from prism.serve.router import RouterOptions, create_router_app, discover_base
 
-    assert discover_base(local.url, "prism-adapter", KEY) == "prism-base"
+    assert discover_base(local.url, ["prism-adapter"], KEY) == "prism-base"
     gate_only = PrismModel.load_gate_only(run_dir)
     assert len(gate_only.model.model.model.layers) == 1  # the router holds layer 0 only
     app = create_router_app(gate_only, RouterOptions(upstream=local.url, upstream_base="prism-base",

@@ -7,12 +7,13 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 from typing import Any, Callable
 
 from prism.config import EVAL_PRESETS, PRESETS, STAGES, STUDY_PRESETS
-from prism.errors import PrismError
+from prism.errors import ConfigError, PrismError
 
 EXIT_USAGE = 2
 LM_EVAL = "lm-eval"
@@ -80,10 +81,13 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                         "PRISM_GENERATOR_API_KEY", "generator_url", {}),
     "--generator-served-model": ("the model's name on that server (default: its first)", "generator_model", {}),
     "--generator-concurrency": ("requests in flight to that server", "generator_concurrency", {"type": int}),
-    "--engine": ("what generates: torch, llamacpp (in-process llama.cpp; gate, scores and training stay in torch) "
-                 "or auto (llamacpp to serve when it can load the model, torch for bulk stages: "
-                 "benchmarks/engines.py)", "engine", {"choices": ["auto", "torch", "llamacpp"]}),
+    "--engine": ("what generates: torch, llamacpp (in-process llama.cpp), vllm (vLLM's server as a child "
+                 "process; Python in PRISM_VLLM_PYTHON) or auto (llamacpp to serve when it can load the model, "
+                 "torch for bulk stages: benchmarks/engines.py); gate, scores and training stay in torch",
+                 "engine", {"choices": ["auto", "torch", "llamacpp", "vllm"]}),
     "--gguf": ("the model as a GGUF file for the llamacpp engine (the embedded model needs none)", "gguf", {}),
+    "--vllm-args": ("more flags for the vllm engine's server, quoted, e.g. '--tensor-parallel-size 2' (one flag alone: --vllm-args=--enforce-eager)",
+                    "vllm_args", {"type": shlex.split}),
     # judges (in `run`, --judge-model is the stage-3 judge; in eval and study, the MT-Bench judge)
     "--judge-model": ("another local model (directory or hub id) as the judge instead of the model itself",
                       "judge.model", {}),
@@ -115,7 +119,7 @@ FLAGS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
 RUN_SETTINGS = ["--model", "--config", "--personas", "--only", "--length", "--placement", "--n", "--judge",
                 "--judge-model", "--seed", "--batch-size", "--dtype", "--infer-dtype", "--device",
                 "--trust-remote-code", "--generator-url", "--generator-served-model", "--generator-concurrency",
-                "--engine", "--gguf"]
+                "--engine", "--gguf", "--vllm-args"]
 JUDGE_SETTINGS = ["--judge-model", "--judge-url", "--judge-served-model", "--judge-key-env", "--refusal"]
 GENERATION = ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--adapter", "--context", "--engine", "--gguf"]
 
@@ -209,12 +213,16 @@ def cmd_personas(args) -> int:
 
 
 def _load_routed(args):
-    from prism.model.llamacpp import pick_engine
+    from prism.model.engines import pick_engine
     from prism.routed import PrismModel
     from prism.run import RunDir
 
     config = RunDir(args.run_dir).require("gate", "distill").config()
-    if pick_engine(args.engine or "auto", config.model, args.gguf, config.device, job="serve") == "llamacpp":
+    engine = pick_engine(args.engine or "auto", config.model, args.gguf, config.device, job="serve")
+    if engine == "vllm":
+        raise ConfigError("--engine vllm serves many clients: use prism serve --engine vllm (generate and chat "
+                          "take torch or llamacpp)")
+    if engine == "llamacpp":
         routed = PrismModel.load_on_engine(args.run_dir, gguf=args.gguf, slots=1, context=8192)  # one conversation
     else:
         routed = PrismModel.load(args.run_dir)
@@ -334,7 +342,7 @@ def cmd_serve(args) -> int:
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
           context_length=args.context_length, allowed_host=args.allowed_host, engine=args.engine or "auto",
-          gguf=args.gguf)
+          gguf=args.gguf, vllm_args=args.vllm_args)
     return 0
 
 
@@ -386,7 +394,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
         ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
         ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask (default 2048)"}),
         ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's)"}),
-        "--engine", "--gguf",
+        "--engine", "--gguf", "--vllm-args",
         ("--upstream", {"help": "router mode: gate here, generate on this OpenAI-compatible server"}),
         ("--upstream-base", {"help": "the upstream's base model name (default: the adapter's parent)"}),
         ("--upstream-adapter", {"default": "prism-adapter", "help": "the upstream's name for the LoRA"}),

@@ -157,8 +157,10 @@ class PrismConfig(Section):
     # What generates stages 1-3 locally: "torch", "llamacpp" (in-process llama.cpp on a GGUF of the
     # model: `gguf`, or the embedded model's float16 copy), or "auto" (the faster one for bulk
     # generation on this machine, benchmarks/engines.py). Speed settings, like generator_url.
-    engine: Literal["auto", "torch", "llamacpp"] = "auto"
+    engine: Literal["auto", "torch", "llamacpp", "vllm"] = "auto"
     gguf: str | None = None
+    # More flags for the vllm engine's server, e.g. ["--tensor-parallel-size", "2"] (vLLM's own).
+    vllm_args: list[str] = Field(default_factory=list)
     queries: QueryConfig = QueryConfig()
     answers: AnswerConfig = AnswerConfig()
     judge: JudgeConfig = JudgeConfig()

@@ -10,7 +10,7 @@ from typing import Callable
 from prism.config import STAGES, PrismConfig
 from prism.errors import PersonaError, RunError
 from prism.model import ChatModel, load_model_for
-from prism.model.llamacpp import pick_engine
+from prism.model.engines import bulk_generation
 from prism.contexts import ContextRegistry
 from prism.run import RunDir, world_size
 from prism.stages.answers import run_answers
@@ -29,6 +29,7 @@ STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
     "gate": run_gate,
     "distill": run_distill,
 }
+GENERATING = ("queries", "answers", "verdicts")  # the stages that generate text (on any engine)
 
 
 def run_pipeline(
@@ -79,31 +80,21 @@ def check_context_fits(model: ChatModel, config: PrismConfig, texts: dict[str, s
 
 
 def _run_stages(run: RunDir, config: PrismConfig, model: ChatModel, personas, pending: list[str], quiet: bool) -> None:
-    local = model
-    if config.generator_url and {"queries", "answers", "verdicts"} & set(pending):
-        # stages 1-3 generate on a remote server; judging by scores, the gate and distillation stay local
-        from prism.model.remote import RemoteGenerationModel, RemoteGenerator
-
-        model = RemoteGenerationModel(local, RemoteGenerator(
-            config.generator_url, config.generator_model, concurrency=config.generator_concurrency))
-        log.info("generating on %s (model %s)", config.generator_url, model.generator.model)
-    elif {"queries", "answers", "verdicts"} & set(pending) and \
-            pick_engine(config.engine, config.model, config.gguf, config.device, job="bulk") == "llamacpp":
-        from prism.model.llamacpp import LlamaCppEngine, model_gguf
-        from prism.model.remote import RemoteGenerationModel
-
-        model = RemoteGenerationModel(local, LlamaCppEngine(model_gguf(config.model, config.gguf),
-                                                            slots=config.batch_size, name=local.name,
-                                                            tokenize=local.token_ids))
-        log.info("generating on llama.cpp (%s)", model.generator.gguf.name)
-    ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
-    saved_prefix_cache = local.prefix_cache
-    local.prefix_cache = config.prefix_cache
+    generating = [s for s in pending if s in GENERATING]
+    saved_prefix_cache = model.prefix_cache
+    model.prefix_cache = config.prefix_cache
     try:
+        if generating:  # stages 1-3 on the configured engine, shut down before the gate and training
+            with bulk_generation(config, model) as generator:
+                ctx = StageContext(config=config, model=generator, personas=personas, run=run, quiet=quiet)
+                for stage in generating:
+                    _run_stage(run, ctx, model, stage)
+        ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
         for stage in pending:
-            _run_stage(run, ctx, local, stage)
+            if stage not in GENERATING:
+                _run_stage(run, ctx, model, stage)
     finally:
-        local.prefix_cache = saved_prefix_cache
+        model.prefix_cache = saved_prefix_cache
 
 
 def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> None:
@@ -112,7 +103,7 @@ def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> 
     run.stage_started(stage)
     t0, tok0 = time.perf_counter(), model.tokens_generated
     try:
-        if stage in ("queries", "answers", "verdicts"):  # stage 5 casts for its teacher logits only
+        if stage in GENERATING:  # stage 5 casts for its teacher logits only
             with local.inference_dtype(config.infer_dtype):
                 facts = STAGE_FUNCS[stage](ctx)
         else:
@@ -121,7 +112,7 @@ def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> 
         run.add_time(stage, time.perf_counter() - t0)
     facts["tokens_generated"] = run.manifest["stages"][stage].get("tokens_generated", 0) + (
         model.tokens_generated - tok0)
-    if stage in ("queries", "answers", "verdicts"):  # which engine generated (a resumed stage: the last)
+    if stage in GENERATING:  # which engine generated (a resumed stage: the last)
         facts["engine"] = getattr(getattr(model, "generator", None), "engine", "torch")
     run.stage_done(stage, **facts)
     log.info("stage %s done in %.1fs: %s", stage, run.manifest["stages"][stage]["seconds"],

@@ -21,7 +21,7 @@ from prism.records import SHARED
 
 # Settings that change speed, not results: a run may resume with different values.
 RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency",
-                "engine", "gguf")
+                "engine", "gguf", "vllm_args")
 
 
 def world_size() -> int:

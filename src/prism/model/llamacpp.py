@@ -21,34 +21,12 @@ from prism.errors import ConfigError, ModelLoadError, RemoteError
 from prism.model.chat import Generation
 
 log = logging.getLogger(__name__)
-ENGINES = ("auto", "torch", "llamacpp")
-
-
 def available() -> bool:
     try:
         import xllamacpp  # noqa: F401
     except ImportError:
         return False
     return True
-
-
-def pick_engine(requested: str, model: str, gguf: str | None = None, device: str = "cpu", job: str = "serve") -> str:
-    """The engine that generates a `job` ("serve": one reply per request; "bulk": stages 1-3 and
-    eval, many prompts at once): the one asked for, or with "auto" the faster one measured here
-    (benchmarks/engines.py, embedded model, 2-core CPU): llama.cpp serves (one stream ~5x torch's
-    token loop, many clients through continuous batching), torch's batched bfloat16 generation is
-    at least as fast for bulk work. llama.cpp only where it can load the model (the embedded
-    model, or a `gguf` file) and on a CPU."""
-    from prism.config import EMBEDDED_MODEL
-
-    if requested not in ENGINES:
-        raise ConfigError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
-    if requested != "auto":
-        if requested == "llamacpp" and not available():
-            raise ConfigError("--engine llamacpp needs the xllamacpp package: pip install xllamacpp")
-        return requested
-    can_load = bool(gguf) or model == EMBEDDED_MODEL
-    return "llamacpp" if job == "serve" and can_load and available() and device in ("cpu", "auto") else "torch"
 
 
 def embedded_float_gguf(dtype: str = "f16") -> Path:

@@ -47,19 +47,29 @@ class RouterOptions(P.HttpOptions):
         P.at_least(self, timeout=0.001, max_connections=1)
 
 
-def discover_base(upstream: str, adapter: str, api_key: str | None = None, timeout: float = 10.0) -> str:
-    """The upstream's base model name: the adapter's `parent` (vLLM lists it), or the only other model."""
+def upstream_names(adapters: list[str], single: str = P.MODEL_ADAPTER) -> dict[str, str]:
+    """The upstream's model name for each adapter of a run, as `prism export-adapter` prints them:
+    `single` for a one-adapter run, `prism-<name>` for each of several."""
+    return {adapters[0]: single} if len(adapters) == 1 else {a: f"prism-{a}" for a in adapters}
+
+
+def discover_base(upstream: str, adapters: list[str], api_key: str | None = None, timeout: float = 10.0) -> str:
+    """Check that the upstream serves every adapter name, and return its base model's name: the
+    adapters' `parent` (vLLM lists it), or the only other model."""
     client = OpenAIClient(upstream, api_key, timeout=timeout, retries=1)
     try:
         models = [m for m in client.call("GET", "/models").get("data", []) if isinstance(m, dict)]
     finally:
         client.close()
     ids = [m.get("id") for m in models]
-    if adapter not in ids:
-        raise RemoteError(f"the upstream serves no model named {adapter!r} (it has {ids}); start it with "
-                          f"--lora-modules {adapter}=ADAPTER_DIR or pass --upstream-adapter")
-    parent = next((m.get("parent") for m in models if m.get("id") == adapter), None)
-    others = [i for i in ids if i != adapter]
+    missing = [a for a in adapters if a not in ids]
+    if missing:
+        flags = " ".join(f"{a}=ADAPTER_DIR" for a in missing)
+        raise RemoteError(f"the upstream serves no model named {', '.join(map(repr, missing))} (it has {ids}); "
+                          f"start it with --lora-modules {flags} (prism export-adapter prints the command)"
+                          f"{' or pass --upstream-adapter' if len(adapters) == 1 else ''}")
+    parent = next((m.get("parent") for m in models if m.get("id") in adapters and m.get("parent")), None)
+    others = [i for i in ids if i not in adapters]
     if parent or len(others) == 1:
         return parent or others[0]
     raise RemoteError(f"cannot tell the upstream's base model among {others}; pass --upstream-base")
@@ -95,10 +105,9 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
             upstream = "ok" if r.status_code == 200 else f"status {r.status_code}"
         except httpx.HTTPError as e:
             upstream = f"unreachable ({type(e).__name__})"
-        return {"status": "ok" if upstream == "ok" else "degraded", "mode": "router" if engine is None else "llamacpp",
+        return {"status": "ok" if upstream == "ok" else "degraded", "mode": app.state.mode,
                 "context_length": context, "upstream": base_url,
-                "upstream_status": upstream, "upstream_models": {"base": opts.upstream_base,
-                                                                 "adapter": opts.upstream_adapter},
+                "upstream_status": upstream, "upstream_models": {"base": opts.upstream_base, "adapters": names},
                 "stats": {"requests": state["requests"], "upstream_errors": state["upstream_errors"]}}
 
     @app.get("/v1/models")
@@ -128,10 +137,12 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
         with gate_lock:
             return prism.route_prompts([parsed.routing], [parsed.context])[0]
 
+    names = upstream_names(list(prism.adapters), opts.upstream_adapter)
+
     def upstream_name(route: Route) -> str:
         if route.adapter is None or engine is not None:
             return opts.upstream_base
-        return opts.upstream_adapter if len(prism.adapters) == 1 else f"prism-{route.adapter}"
+        return names[route.adapter]
 
     async def _forward(parsed: P.Parsed):
         path, req = ("/chat/completions" if parsed.chat else "/completions"), parsed.req
@@ -210,6 +221,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
             await upstream.aclose()
 
     app.state.prism = prism  # keeps the engine (and its in-process server) alive with the app
+    app.state.mode = "router" if engine is None else "llamacpp"
     return app
 
 
@@ -219,3 +231,24 @@ def create_engine_app(prism, options: RouterOptions) -> FastAPI:
     options.upstream_base = prism.engine.name
     options.upstream_api_key = prism.engine.api_key
     return create_router_app(prism, options)
+
+
+def create_vllm_app(run_dir, options: RouterOptions, vllm_args: list[str]) -> FastAPI:
+    """`prism serve --engine vllm`: the router in front of a vLLM server that prism starts as a child
+    process with the run's adapters exported and loaded under the names the router sends."""
+    from prism.model.vllm import BASE_NAME, VllmServer, base_model_dir, exported_adapters
+    from prism.routed import PrismModel
+    from prism.run import RunDir
+
+    run = RunDir(run_dir).require("gate", "distill")
+    loras = exported_adapters(run, upstream_names(run.finished_adapters(), options.upstream_adapter))
+    prism = PrismModel.load_gate_only(run_dir)
+    server = VllmServer(base_model_dir(run.config().model), loras=loras, args=vllm_args)
+    try:
+        options.upstream, options.upstream_base, options.upstream_api_key = server.url, BASE_NAME, server.api_key
+        app = create_router_app(prism, options)
+    except BaseException:
+        server.close()
+        raise
+    app.state.vllm, app.state.mode = server, "vllm"
+    return app

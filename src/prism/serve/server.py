@@ -88,7 +88,7 @@ def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[s
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           upstream: str | None = None, upstream_base: str | None = None, upstream_adapter: str = "prism-adapter",
           upstream_api_key: str | None = None, allowed_host: list[str] | None = None, engine: str = "auto",
-          gguf: str | None = None, **options) -> None:
+          gguf: str | None = None, vllm_args: list[str] | None = None, **options) -> None:
     """Load a finished run and serve it until interrupted (the `prism serve` command)."""
     api_key = api_key or os.environ.get("PRISM_API_KEY") or None
     if not 0 <= port <= 65535:
@@ -100,20 +100,28 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
 
     # Settings are checked before anything slow (the upstream, the model) is touched.
     if upstream:
-        from prism.serve.router import RouterOptions, create_router_app, discover_base
+        from prism.run import RunDir
+        from prism.serve.router import RouterOptions, create_router_app, discover_base, upstream_names
 
         upstream_api_key = upstream_api_key or os.environ.get("PRISM_UPSTREAM_API_KEY") or None
         opts = RouterOptions(upstream=upstream, upstream_base=upstream_base or "", upstream_adapter=upstream_adapter,
                              upstream_api_key=upstream_api_key, api_key=api_key, **_fields_of(RouterOptions, options))
-        opts.upstream_base = upstream_base or discover_base(upstream, upstream_adapter, upstream_api_key)
+        names = upstream_names(RunDir(run_dir).require("gate", "distill").finished_adapters(), upstream_adapter)
+        opts.upstream_base = upstream_base or discover_base(upstream, list(names.values()), upstream_api_key)
         app = create_router_app(PrismModel.load_gate_only(run_dir), opts)
-        log.info("router: gate local, generation on %s (base %r, adapter %r)", upstream, opts.upstream_base,
-                 upstream_adapter)
+        log.info("router: gate local, generation on %s (base %r, adapters %s)", upstream, opts.upstream_base,
+                 ", ".join(names.values()))
     else:
         from prism.serve.app import ServeOptions, create_app
 
         local = ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options))  # every limit checked first
-        if _engine_for(run_dir, engine, gguf) == "llamacpp":
+        chosen = _engine_for(run_dir, engine, gguf)
+        if chosen == "vllm":  # the router in front of a vLLM server of our own, the run's adapters loaded
+            from prism.serve.router import RouterOptions, create_vllm_app
+
+            app = create_vllm_app(run_dir, RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options)),
+                                  vllm_args or [])
+        elif chosen == "llamacpp":
             from prism.serve.router import RouterOptions, create_engine_app
 
             prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=local.max_batch)
@@ -122,14 +130,17 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
                      local.max_batch)
         else:
             app = create_app(PrismModel.load(run_dir), local)
-    mode = "router" if upstream else "llamacpp" if hasattr(app.state, "prism") else "local"
-    print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {mode})",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    mode = "router" if upstream else getattr(app.state, "mode", "local")
+    print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {mode})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        if hasattr(app.state, "vllm"):  # our child vLLM server goes with us
+            app.state.vllm.close()
 
 
 def _engine_for(run_dir: str, engine: str, gguf: str | None) -> str:
-    from prism.model.llamacpp import pick_engine
+    from prism.model.engines import pick_engine
     from prism.run import RunDir
 
     config = RunDir(run_dir).require("gate", "distill").config()
