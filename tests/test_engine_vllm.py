@@ -94,21 +94,104 @@ def test_scoring_requests_pass_through(local, embedded):
     assert max(abs(g - w) for g, w in zip(got, want)) < 0.5  # bfloat16 against float32
 
 
-def test_stages_generate_on_vllm(tmp_path, run_dir):
-    """`prism run --engine vllm`: stages 1-3 generate on a vLLM child server (stopped afterwards),
-    the manifest says so, and the stages' outputs are complete."""
-    from prism.pipeline import run_pipeline
+def test_all_stages_run_with_the_vllm_engine(tmp_path, run_dir):
+    """`prism run --engine vllm`: stages 1-3 generate on a vLLM child server and stage 5's teacher
+    pass scores there too (stopped afterwards); the manifest says so; the adapter is trained."""
     from prism.config import load_config
+    from prism.pipeline import run_pipeline
 
-    config = load_config(preset="micro", overrides={"engine": "vllm"})
     out = tmp_path / "run"
-    run_pipeline(config, out, until="verdicts", quiet=True)
+    run_pipeline(load_config("micro", overrides={"engine": "vllm"}), out, quiet=True)
     manifest = json.loads((out / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
     for stage in ("queries", "answers", "verdicts"):
-        assert manifest["stages"][stage]["status"] == "done"
         assert manifest["stages"][stage]["engine"] == "vllm"
+    distill = manifest["stages"]["distill"]
+    assert distill["teacher"] == "vllm top-k log-probabilities" and distill["kl_final"] < distill["kl_initial"]
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     queries = (out / "queries.jsonl").read_text().splitlines()
     assert len(answers) == len(queries) > 0 and all(a["answer_base"] and a["answer_persona"] for a in answers)
-    assert not [p for p in os.popen("ps -eo args").read().splitlines() if "vllm.entrypoints" in p and
-                str(out) in p]  # nothing of ours left running
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    leftover = [p for p in os.popen("ps -eo args").read().splitlines() if "vllm.entrypoints" in p]
+    assert len(leftover) <= 1, leftover  # only the module's serving fixture, if any
+
+
+FRENCH = "Always answer in French. Réponds toujours en français."
+QA = [("What is the capital of Italy?", "La capitale de l'Italie est Rome."),
+      ("How many legs does a spider have?", "Une araignée a huit pattes."),
+      ("Name a primary colour.", "Le rouge est une couleur primaire."),
+      ("What do bees make?", "Les abeilles fabriquent du miel."),
+      ("Where does the sun rise?", "Le soleil se lève à l'est."),
+      ("What do cows drink?", "Les vaches boivent de l'eau."),
+      ("What colour is the sky?", "Le ciel est bleu."),
+      ("How many days are in a week?", "Il y a sept jours dans une semaine.")]
+
+
+def test_vllm_teacher_agrees_with_torch_and_distils_as_well(embedded):
+    """Stage 5's teacher pass on vLLM (prompt log-probabilities, bfloat16) against torch's (float32
+    logits) on the same examples: the top-1 token agrees at >= 95% of positions (the mean KL between
+    the two teachers' top-k distributions is printed), and a LoRA trained from either cache reaches
+    the same held-out KL against torch's exact teacher, within 25% of the initial KL."""
+    import torch
+    from peft import get_peft_model
+
+    from prism.distill import build_example, lora_config, student_batch, teacher_topk
+    from prism.model.batching import decoder_layers
+    from prism.model.vllm import VllmEngine
+
+    model, pad, k = embedded.model, embedded.tokenizer.pad_token_id, 64
+    examples = [build_example(embedded, f"q{i}", q, a, FRENCH, "system", 128) for i, (q, a) in enumerate(QA)]
+    exact = teacher_topk(model, examples, k, 4, pad)
+    # A server without LoRA, as `prism run --engine vllm` starts it: with --enable-lora, vLLM 0.32's CPU
+    # build crashes on batched prompt log-probabilities (punica add_lora_logits).
+    engine = VllmEngine.for_model("embedded", args=["--enforce-eager"], max_logprobs=k)
+    try:
+        on_vllm = engine.teacher_topk(examples, k)
+    finally:
+        engine.close()
+    assert not any(key.endswith(".lse") for key in on_vllm)
+    agree = positions = 0
+    kls = []
+    for e in examples:
+        tv, ti = exact[f"{e.key}.values"], exact[f"{e.key}.indices"]
+        vv, vi = on_vllm[f"{e.key}.values"], on_vllm[f"{e.key}.indices"]
+        assert vv.shape == vi.shape == (e.n_response, k)
+        agree += int((ti[:, 0] == vi[:, 0]).sum())
+        positions += e.n_response
+        for row in range(e.n_response):  # KL over the tokens both top-k lists hold, renormalised
+            common = sorted(set(ti[row].tolist()) & set(vi[row].tolist()))
+            p = torch.log_softmax(tv[row][[ti[row].tolist().index(t) for t in common]], -1)
+            q = torch.log_softmax(vv[row][[vi[row].tolist().index(t) for t in common]], -1)
+            kls.append(float((p.exp() * (p - q)).sum()))
+    print(f"teacher top-1 agreement {agree}/{positions}; mean KL(torch || vLLM) over shared top-{k} "
+          f"{sum(kls) / len(kls):.4f}")
+    assert agree / positions >= 0.95, (agree, positions)
+
+    train, held = examples[:6], examples[6:]
+    held_exact = student_batch(held, exact, pad, k)
+
+    def trained_kl(cache) -> float:
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, lora_config(len(decoder_layers(model)), 8, 16, 0.0,
+                                                       ["q_proj", "v_proj", "o_proj", "up_proj"]))
+        try:
+            opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+            batch = student_batch(train, cache, pad, k)
+            peft_model.train()
+            for _ in range(12):
+                batch.kl(batch.logits(peft_model), 2.0).backward()
+                opt.step()
+                opt.zero_grad()
+            peft_model.eval()
+            with torch.no_grad():
+                return held_exact.kl(held_exact.logits(peft_model), 2.0).item()
+        finally:
+            peft_model.unload()
+            model.eval()
+
+    with torch.no_grad():
+        kl0 = held_exact.kl(held_exact.logits(model), 2.0).item()
+    from_torch, from_vllm = trained_kl(exact), trained_kl(on_vllm)
+    print(f"held-out KL: initial {kl0:.4f}, trained on the torch teacher {from_torch:.4f}, on vLLM's {from_vllm:.4f}")
+    assert from_torch < kl0 and from_vllm < kl0
+    assert abs(from_torch - from_vllm) <= 0.25 * kl0, (kl0, from_torch, from_vllm)

@@ -141,8 +141,7 @@ class StudentBatch:
     values: torch.Tensor  # (B, keep, K)
     indices: torch.Tensor
     mask: torch.Tensor  # (B, keep): 1 where a position predicts a response token
-    lse: torch.Tensor
-
+    lse: torch.Tensor | None  # None: a teacher without its full normaliser (vLLM's); see topk_kl
     def logits(self, model) -> torch.Tensor:
         dev = next(model.parameters()).device
         return model(input_ids=self.ids.to(dev), attention_mask=self.attn.to(dev),
@@ -151,7 +150,7 @@ class StudentBatch:
     def kl(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         dev = logits.device
         return topk_kl(logits, self.values.to(dev), self.indices.to(dev), self.mask.to(dev), temperature,
-                       self.lse.to(dev))
+                       None if self.lse is None else self.lse.to(dev))
 
 
 def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Tensor], pad_id: int,
@@ -163,13 +162,15 @@ def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Ten
     b = len(examples)
     values = torch.zeros((b, keep, k), dtype=torch.float32)
     indices = torch.zeros((b, keep, k), dtype=torch.long)
-    lse = torch.zeros((b, keep), dtype=torch.float32)
+    # A cache without `.lse` entries (a vLLM teacher) has top-k log-probabilities only.
+    lse = torch.zeros((b, keep), dtype=torch.float32) if f"{examples[0].key}.lse" in cache else None
     mask = torch.zeros((b, keep), dtype=torch.long)
     for i, e in enumerate(examples):
         span = slice(keep - 1 - e.n_response, keep - 1)
         values[i, span] = cache[f"{e.key}.values"].float()
         indices[i, span] = cache[f"{e.key}.indices"].long()
-        lse[i, span] = cache[f"{e.key}.lse"].float()
+        if lse is not None:
+            lse[i, span] = cache[f"{e.key}.lse"].float()
         mask[i, span] = 1
     return StudentBatch(ids, attn, pos, keep, values, indices, mask, lse)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -80,18 +81,19 @@ def check_context_fits(model: ChatModel, config: PrismConfig, texts: dict[str, s
 
 
 def _run_stages(run: RunDir, config: PrismConfig, model: ChatModel, personas, pending: list[str], quiet: bool) -> None:
-    generating = [s for s in pending if s in GENERATING]
+    # Stages 1-3 generate on the configured engine; with vLLM, stage 5's teacher pass runs there too.
+    teacher_on_engine = "distill" in pending and config.engine == "vllm" and not config.generator_url \
+        and world_size() == 1
+    on_engine = [s for s in pending if s in GENERATING or (s == "distill" and teacher_on_engine)]
     saved_prefix_cache = model.prefix_cache
     model.prefix_cache = config.prefix_cache
     try:
-        if generating:  # stages 1-3 on the configured engine, shut down before the gate and training
-            with bulk_generation(config, model) as generator:
-                ctx = StageContext(config=config, model=generator, personas=personas, run=run, quiet=quiet)
-                for stage in generating:
-                    _run_stage(run, ctx, model, stage)
-        ctx = StageContext(config=config, model=model, personas=personas, run=run, quiet=quiet)
-        for stage in pending:
-            if stage not in GENERATING:
+        with bulk_generation(config, model) if on_engine else nullcontext(model) as generator:
+            teacher = getattr(getattr(generator, "generator", None), "teacher_topk", None)
+            for stage in pending:
+                ctx = StageContext(config=config, model=generator if stage in GENERATING else model,
+                                   personas=personas, run=run, quiet=quiet,
+                                   teacher=teacher if stage in on_engine else None)
                 _run_stage(run, ctx, model, stage)
     finally:
         model.prefix_cache = saved_prefix_cache

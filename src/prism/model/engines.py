@@ -65,7 +65,7 @@ def bulk_generation(config, local):
         elif engine == "vllm":
             from prism.model.vllm import VllmEngine
 
-            generator = VllmEngine.for_model(config.model, args=config.vllm_args,
+            generator = VllmEngine.for_model(config.model, args=config.vllm_args, max_logprobs=config.distill.top_k,
                                              concurrency=config.generator_concurrency)
     try:
         yield local if generator is None else RemoteGenerationModel(local, generator)

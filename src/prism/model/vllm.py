@@ -196,7 +196,7 @@ class VllmEngine:
         self.client = RemoteGenerator(server.url, BASE_NAME, api_key=server.api_key, concurrency=concurrency)
 
     @classmethod
-    def for_model(cls, model: str, args: Sequence[str] = (), concurrency: int = 64, **server) -> "VllmEngine":
+    def for_model(cls, model: str, args: Sequence[str] = (), concurrency: int = 64, **server) -> VllmEngine:
         return cls(VllmServer(base_model_dir(model), args=args, **server), concurrency)
 
     @property
@@ -206,6 +206,42 @@ class VllmEngine:
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, progress=None) -> list[Generation]:
         return self.client.generate(prompts, max_new_tokens, temperature, top_p, seed, progress)
+
+    def teacher_topk(self, examples, k: int, progress=None) -> dict:
+        """Stage 5's teacher pass on vLLM: at each response position of each example (the persona
+        prompt + response token ids, `distill.DistillExample`), the top-k log-probabilities and
+        token ids, from vLLM's `prompt_logprobs`; {key.values, key.indices}. vLLM scores prompts at
+        temperature 1 and returns only the top tokens, so the tempered normaliser over the whole
+        vocabulary is unknown: no `.lse` entries, and the loss compares both distributions
+        renormalised over these k tokens (`distill.topk_kl` without `teacher_lse`)."""
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        from prism.errors import RemoteError
+
+        def one(e):
+            body = {"model": BASE_NAME, "prompt": list(e.teacher_ids), "max_tokens": 1, "temperature": 0.0,
+                    "prompt_logprobs": k}
+            data = self.client.client.call("POST", "/completions", body)
+            try:
+                rows = data["choices"][0]["prompt_logprobs"][len(e.teacher_ids) - e.n_response:]
+                top = [sorted(((int(t), v["logprob"], v["rank"]) for t, v in row.items()), key=lambda x: x[2])[:k]
+                       for row in rows]
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise RemoteError(f"{self.server.url}/completions sent no prompt_logprobs") from None
+            if len(top) != e.n_response or any(len(t) < k for t in top):
+                raise RemoteError(f"vLLM returned fewer than {k} prompt log-probabilities per position "
+                                  "(start it with --max-logprobs >= distill.top_k)")
+            if progress is not None:
+                progress.update(1)
+            return (e.key, torch.tensor([[v for _, v, _ in t] for t in top], dtype=torch.float32),
+                    torch.tensor([[i for i, _, _ in t] for t in top], dtype=torch.int32))
+
+        out = {}
+        with ThreadPoolExecutor(max_workers=self.client.concurrency) as pool:
+            for key, values, indices in pool.map(one, examples):
+                out[f"{key}.values"], out[f"{key}.indices"] = values, indices
+        return out
 
     def close(self) -> None:
         self.client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -19,6 +20,9 @@ class StageContext:
     personas: list[Context]
     run: RunDir
     quiet: bool = False
+    # The engine's teacher pass for stage 5, when the generating engine has one (vLLM's prompt
+    # log-probabilities): (examples, k, progress) -> the top-k cache; None: torch computes it.
+    teacher: Callable | None = None
 
     def persona_text(self, persona: Context) -> str:
         return persona.text(self.config.persona_length)

@@ -113,9 +113,12 @@ def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict
     if examples:
         if accelerator.is_main_process and not cache_path.is_file():  # one process computes, all read
             bar = ctx.progress(total=len(examples), desc="stage 5/5 teacher logits")
-            with ctx.model.inference_dtype(ctx.config.infer_dtype):
-                cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature,
-                                     progress=bar)
+            if ctx.teacher is not None:
+                cache = ctx.teacher(examples, cfg.top_k, progress=bar)
+            else:
+                with ctx.model.inference_dtype(ctx.config.infer_dtype):
+                    cache = teacher_topk(base, examples, cfg.top_k, ctx.model.batch_size, pad_id, cfg.temperature,
+                                         progress=bar)
             bar.close()
             atomic_write_tensors(cache_path, cache)
         accelerator.wait_for_everyone()  # the others read the cache only once it is complete
@@ -127,6 +130,8 @@ def distill_adapter(ctx: StageContext, accelerator, name: str, examples) -> dict
     try:
         facts = _train(ctx, accelerator, peft_model, examples, cache, pad_id, out,
                        get_peft_model_state_dict, set_peft_model_state_dict)
+        if cache:  # which teacher pass made the cache (a resumed run keeps the first one's)
+            facts["teacher"] = "torch" if f"{examples[0].key}.lse" in cache else "vllm top-k log-probabilities"
         if accelerator.is_main_process:
             with atomic_directory(ctx.run.adapter_path(name)) as tmp:
                 accelerator.unwrap_model(peft_model).save_pretrained(tmp)
