@@ -1,18 +1,21 @@
-"""The two generation engines side by side, in one process on one run: torch (transformers, the
-reference) and llamacpp (in-process llama.cpp through xllamacpp; the gate stays in torch).
+"""The generation engines side by side on one run: torch (transformers, the reference), llamacpp
+(in-process llama.cpp through xllamacpp) and vllm (vLLM's server as a child process, where it
+imports: PRISM_VLLM_PYTHON); the gate stays in torch.
 
-    python benchmarks/engines.py [--run-dir RUN] [--max-tokens 128] [--clients 16]
+    python benchmarks/engines.py [--run-dir RUN] [--max-tokens 128] [--clients 16] [--no-vllm]
 
 Without --run-dir a micro run is built once in runs/serve-bench (about a minute; reused after).
-Phases, each engine in turn (llama.cpp first, then torch):
+Phases, each engine in turn (llama.cpp first, then vLLM, then torch):
   serve, one client   `prism serve` on loopback, the `openai` client, one request at a time,
                       `prism-base` (adapter off), `prism-adapter` (on) and `prism` (the gate decides)
   serve, N clients    N clients at once, 2 requests each, through the same server
   bulk                32 prompts x max-tokens sampled at once (stages 1-3 and eval work): torch
                       float32 and bfloat16 batches, llama.cpp on the float16 and the Q4_1 GGUF
-  agreement           greedy replies of both engines on 16 prompts, adapter off and on; the gate's
-                      route from the full torch model and from the engine's layer-0-only model on
-                      200 prompts
+  agreement           greedy replies of each engine against torch's on 16 prompts, adapter off and
+                      on; the gate's route from the full torch model and from the engine's
+                      layer-0-only model on 200 prompts (vLLM: the route header of 100 requests)
+vLLM's start-up (child process, model load, compile) is reported apart; bulk on vLLM uses a second
+server without LoRA, as `prism run --engine vllm` starts it.
 Reported: tokens/s (completion tokens / wall time, prefill included), the routed reply's time per
 token over the base model's on the same engine, errors, agreement. Writes
 benchmarks/results/engines.json.
@@ -112,6 +115,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="one-client requests per model id")
     ap.add_argument("--out", help="JSON results (default benchmarks/results/engines.json)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vllm engine")
     args = ap.parse_args()
 
     from prism.config import load_config
@@ -155,6 +159,44 @@ def main() -> int:
     gc.collect()
     data["gguf"] = str(embedded_float_gguf())
 
+    # ----- vLLM ----------------------------------------------------------------------------------
+    from prism.model.vllm import VllmEngine, unavailable
+
+    vllm_problem = "skipped (--no-vllm)" if args.no_vllm else unavailable()
+    if vllm_problem is None:
+        import openai
+
+        from prism.serve.router import create_vllm_app
+
+        app = create_vllm_app(run_dir, RouterOptions(), [])
+        try:
+            data["vllm_startup_s"] = {"serve_with_lora": round(app.state.vllm.startup_seconds, 1)}
+            with BackgroundServer(app) as server:
+                data["vllm_serve"] = serve_phases(server.url, args.max_tokens, args.clients, args.repeats,
+                                                  adapter_id)
+                client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+                vllm_got = {on: [client.chat.completions.create(
+                    model=adapter_id if on else "prism-base", messages=c, max_tokens=64,
+                    temperature=0).choices[0].message.content for c in convs] for on in on_off}
+                vllm_routes = [client.chat.completions.with_raw_response.create(
+                    model="prism", messages=[{"role": "user", "content": p}], max_tokens=1,
+                    temperature=0).headers["x-prism-route"] for p in route_prompts[:100]]
+        finally:
+            app.state.vllm.close()
+        del app
+        from prism.run import RunDir
+
+        bulk_engine = VllmEngine.for_model(RunDir(run_dir).config().model)
+        try:
+            data["vllm_startup_s"]["bulk"] = round(bulk_engine.server.startup_seconds, 1)
+            data["bulk_vllm_bf16"] = bulk_rate(lambda p, n: bulk_engine.generate(p, n, temperature=0.8, seed=1),
+                                               prompts, args.max_tokens)
+        finally:
+            bulk_engine.close()
+    else:
+        data["vllm"] = vllm_problem
+    gc.collect()
+
     # ----- torch ---------------------------------------------------------------------------------
     with RssSampler() as rss:
         torch_model = PrismModel.load(run_dir)
@@ -182,6 +224,13 @@ def main() -> int:
                                                   "of": len(convs)}
     frac, exact = prefix_agreement(tok, greedy[False], q4_greedy)
     agreement["base_q4_1_gguf"] = {"token_agreement": round(frac, 3), "identical_replies": exact, "of": len(convs)}
+    if vllm_problem is None:
+        for on in on_off:
+            frac, exact = prefix_agreement(tok, greedy[on], vllm_got[on])
+            agreement["vllm_adapter" if on else "vllm_base"] = {"token_agreement": round(frac, 3),
+                                                                "identical_replies": exact, "of": len(convs)}
+        agreement["vllm_routes_equal"] = sum(a == b for a, b in zip(torch_routes, vllm_routes))
+        agreement["vllm_routes"] = len(vllm_routes)
     agreement["routes_equal"] = sum(a == b for a, b in zip(torch_routes, engine_routes))
     agreement["routes"] = len(route_prompts)
     agreement["route_counts"] = {r: torch_routes.count(r) for r in sorted(set(torch_routes))}
@@ -189,7 +238,9 @@ def main() -> int:
 
     # ----- table -----------------------------------------------------------------------------------
     rows = []
-    for eng in ("torch", "llamacpp"):
+    engines = ("torch", "llamacpp") + (("vllm",) if vllm_problem is None else ())
+    data["vllm_peak_rss_mb"] = "child processes"  # vLLM runs outside this process
+    for eng in engines:
         s = data[f"{eng}_serve"]
         base_spt = s["prism-base"]["seconds"] / s["prism-base"]["tokens"]
         routed_spt = s["prism"]["seconds"] / s["prism"]["tokens"]
@@ -203,14 +254,21 @@ def main() -> int:
             ["torch bfloat16 (batch 32)", data["bulk_torch_bfloat16"]["tokens_per_s"]],
             ["llama.cpp float16 GGUF (32 slots)", data["bulk_llamacpp_f16"]["tokens_per_s"]],
             ["llama.cpp Q4_1 GGUF (32 slots)", data["bulk_llamacpp_q4_1"]["tokens_per_s"]]]
+    if vllm_problem is None:
+        bulk.append(["vLLM bfloat16 (32 requests at once)", data["bulk_vllm_bf16"]["tokens_per_s"]])
     text += "\n\n" + table(["bulk generation, 32 prompts", "tok/s"], bulk, title="bulk (stages 1-3, eval)")
     data["adapter_forced"] = on_off[1]
     ag = [[k, v["token_agreement"], f"{v['identical_replies']}/{v['of']}"] for k, v in agreement.items()
           if isinstance(v, dict) and "of" in v]
-    text += "\n\n" + table(["greedy, torch vs llama.cpp", "token agreement", "identical replies"], ag,
+    text += "\n\n" + table(["greedy, against torch", "token agreement", "identical replies"], ag,
                            title="agreement (64-token greedy replies)")
     text += f"\n\nroutes equal: {agreement['routes_equal']}/{agreement['routes']} ({agreement['route_counts']})"
-    for eng in ("torch", "llamacpp"):
+    if vllm_problem is None:
+        text += (f"; vLLM router: {agreement['vllm_routes_equal']}/{agreement['vllm_routes']}; vLLM start-up "
+                 f"{data['vllm_startup_s']} s")
+    else:
+        text += f"\n\nvllm: {vllm_problem}"
+    for eng in engines:
         data[f"{eng}_serve"]["speedup_vs_torch_one_client"] = round(
             data[f"{eng}_serve"]["prism"]["tokens_per_s"] / data["torch_serve"]["prism"]["tokens_per_s"], 2)
     return finish("engines", data, text, args.out)

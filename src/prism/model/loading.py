@@ -121,6 +121,14 @@ def _dequantize(gguf: Path, target: Path, key: dict) -> None:
         atomic_write_text(tmp / STAMP, json.dumps({"key": key, "sha256": sha256_file(gguf)}))
 
 
+def weights_location(model: str) -> str:
+    """Where another engine (vLLM, SGLang, PEFT) finds the base weights: the embedded model's
+    dequantized safetensors folder (vLLM does not load its GGUF), else the hub id or directory."""
+    from prism.config import EMBEDDED_MODEL
+
+    return str(embedded_model_dir()) if model == EMBEDDED_MODEL else model
+
+
 def embedded_source() -> dict:
     """How a manifest names the embedded model: by name and the GGUF's hash, not by a local path."""
     stamp = json.loads((embedded_model_dir() / STAMP).read_text())

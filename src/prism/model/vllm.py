@@ -12,7 +12,6 @@ talks to a vLLM a user started elsewhere (`--generator-url`, `prism serve --upst
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import secrets
@@ -62,36 +61,6 @@ def free_port() -> int:
 def lora_rank_limit(ranks: Sequence[int]) -> int:
     need = max(ranks, default=1)
     return next((r for r in LORA_RANKS if r >= need), need)
-
-
-def base_model_dir(model: str) -> str:
-    """What vLLM loads for `model`: the embedded model's dequantized safetensors folder (vLLM's
-    CPU build does not load GGUF), else the hub id or directory itself."""
-    from prism.config import EMBEDDED_MODEL
-
-    if model == EMBEDDED_MODEL:
-        from prism.model.loading import embedded_model_dir
-
-        return str(embedded_model_dir())
-    return model
-
-
-def exported_adapters(run, names: dict[str, str]) -> dict[str, Path]:
-    """A finished run's adapters in the form vLLM loads (PEFT with layer 0 written as zeros,
-    `prism export-adapter`), once per adapter version, in the cache; keyed by `names[adapter]`."""
-    from prism.model.loading import cache_dir, sha256_file
-    from prism.serve.export import export_one
-
-    out = {}
-    for adapter, served in names.items():
-        src = run.adapter_path(adapter)
-        key = hashlib.sha256((sha256_file(src / "adapter_model.safetensors") +
-                              (src / "adapter_config.json").read_text()).encode()).hexdigest()[:20]
-        dst = cache_dir() / "vllm" / f"lora-{key}"
-        if not (dst / "adapter_model.safetensors").is_file():
-            export_one(run, adapter, dst, force=True)
-        out[served] = dst
-    return out
 
 
 class VllmServer:
@@ -197,7 +166,9 @@ class VllmEngine:
 
     @classmethod
     def for_model(cls, model: str, args: Sequence[str] = (), concurrency: int = 64, **server) -> VllmEngine:
-        return cls(VllmServer(base_model_dir(model), args=args, **server), concurrency)
+        from prism.model.loading import weights_location
+
+        return cls(VllmServer(weights_location(model), args=args, **server), concurrency)
 
     @property
     def tokens_generated(self) -> int:

@@ -15,22 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from prism.config import EMBEDDED_MODEL
 from prism.errors import RunError
 from prism.io import atomic_write_json, atomic_write_tensors
+from prism.model.loading import weights_location
 from prism.run import RunDir
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def base_model_location(model: str) -> str:
-    """Where a serving engine finds the base weights: the embedded model's safetensors folder,
-    or the model id / directory the run used."""
-    if model == EMBEDDED_MODEL:
-        from prism.model.loading import embedded_model_dir
-
-        return str(embedded_model_dir())
-    return model
 
 
 EXPORTED = ("adapter_config.json", "adapter_model.safetensors")
@@ -52,11 +42,30 @@ def export_one(run: RunDir, name: str, out: Path, force: bool) -> dict:
             tensors[key.replace(f".layers.{template}.", f".layers.{layer}.")] = torch.zeros_like(tensors[key])
     config["layers_to_transform"] = None
     config["layers_pattern"] = None
-    config["base_model_name_or_path"] = base_model_location(run.config().model)
+    config["base_model_name_or_path"] = weights_location(run.config().model)
     # Each file is replaced whole; nothing else in `out` is touched.
     atomic_write_tensors(out / EXPORTED[1], tensors, metadata={"format": "pt"})
     atomic_write_json(out / EXPORTED[0], config)
     return {"adapter": str(out), "rank": config.get("r"), "zero_layers": missing}
+
+
+def cached_exports(run: RunDir, names: dict[str, str]) -> dict[str, Path]:
+    """The run's adapters in this form, written once per adapter version into the prism cache (for
+    the vLLM server `prism serve --engine vllm` starts), keyed by `names[adapter]`."""
+    import hashlib
+
+    from prism.model.loading import cache_dir, sha256_file
+
+    out = {}
+    for adapter, served in names.items():
+        src = run.adapter_path(adapter)
+        key = hashlib.sha256((sha256_file(src / "adapter_model.safetensors") +
+                              (src / "adapter_config.json").read_text()).encode()).hexdigest()[:20]
+        dst = cache_dir() / "vllm" / f"lora-{key}"
+        if not (dst / EXPORTED[1]).is_file():
+            export_one(run, adapter, dst, force=True)
+        out[served] = dst
+    return out
 
 
 def export_gguf(run: RunDir, names: list[str], out: Path, gguf: str | None) -> dict:
@@ -90,7 +99,7 @@ def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False, fo
         return export_gguf(run, names, out, gguf)
     single = len(names) == 1
     exported = {n: export_one(run, n, out if single else out / n, force) for n in names}
-    base = base_model_location(run.config().model)
+    base = weights_location(run.config().model)
     modules = " ".join(f"{'prism-adapter' if single else 'prism-' + n}={e['adapter']}" for n, e in exported.items())
     rank = max(e["rank"] or 0 for e in exported.values())
     return {"adapters": exported, "base_model": base,

@@ -236,14 +236,16 @@ def create_engine_app(prism, options: RouterOptions) -> FastAPI:
 def create_vllm_app(run_dir, options: RouterOptions, vllm_args: list[str]) -> FastAPI:
     """`prism serve --engine vllm`: the router in front of a vLLM server that prism starts as a child
     process with the run's adapters exported and loaded under the names the router sends."""
-    from prism.model.vllm import BASE_NAME, VllmServer, base_model_dir, exported_adapters
+    from prism.model.loading import weights_location
+    from prism.model.vllm import BASE_NAME, VllmServer
+    from prism.serve.export import cached_exports
     from prism.routed import PrismModel
     from prism.run import RunDir
 
     run = RunDir(run_dir).require("gate", "distill")
-    loras = exported_adapters(run, upstream_names(run.finished_adapters(), options.upstream_adapter))
+    loras = cached_exports(run, upstream_names(run.finished_adapters(), options.upstream_adapter))
     prism = PrismModel.load_gate_only(run_dir)
-    server = VllmServer(base_model_dir(run.config().model), loras=loras, args=vllm_args)
+    server = VllmServer(weights_location(run.config().model), loras=loras, args=vllm_args)
     try:
         options.upstream, options.upstream_base, options.upstream_api_key = server.url, BASE_NAME, server.api_key
         app = create_router_app(prism, options)
