@@ -65,8 +65,9 @@ def bulk_generation(config, local):
         elif engine == "vllm":
             from prism.model.vllm import VllmEngine
 
-            generator = VllmEngine.for_model(config.model, args=config.vllm_args, max_logprobs=config.distill.top_k,
-                                             concurrency=config.generator_concurrency)
+            # Our own server: every prompt of a call in flight at once, vLLM's scheduler batches them
+            # (generator_concurrency is the politeness limit for servers other people run).
+            generator = VllmEngine.for_model(config.model, args=config.vllm_args, max_logprobs=config.distill.top_k)
     try:
         yield local if generator is None else RemoteGenerationModel(local, generator)
     finally:

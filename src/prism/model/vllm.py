@@ -52,6 +52,17 @@ def unavailable() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when prism dies, even by SIGKILL, so a killed run
+    leaves no vLLM server holding memory (vLLM's own workers follow their server)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +95,10 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [vllm_python(), "-m", MODULE, "--model", model, "--served-model-name", BASE_NAME,
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype,
-               "--max-logprobs", str(max_logprobs), "--generation-config", "vllm"]
+               "--max-logprobs", str(max_logprobs), "--generation-config", "vllm",
+               # vLLM 0.32 on CPU: a seeded request whose prefill is split over steps crashes the
+               # worker ("CPU Generator does not use offset"); whole prefills avoid it.
+               "--no-enable-chunked-prefill"]
         if self.loras:
             ranks = [self._rank(p) for p in self.loras.values()]
             cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_limit(ranks)), "--max-loras",
@@ -95,7 +109,8 @@ class VllmServer:
         log.info("starting vLLM (%s), log in %s", " ".join(cmd[1:3] + cmd[3:5]), self.log_path)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # its workers share the group: one kill ends all
+                                        start_new_session=True,  # its workers share the group: one kill ends all
+                                        preexec_fn=_die_with_parent)
         t0 = time.perf_counter()
         try:
             self._wait_ready(startup_timeout)
@@ -158,14 +173,14 @@ class VllmEngine:
 
     engine = "vllm"  # what a run's manifest records as the generating engine
 
-    def __init__(self, server: VllmServer, concurrency: int = 64):
+    def __init__(self, server: VllmServer, concurrency: int = 256):
         from prism.model.remote import RemoteGenerator
 
         self.server = server
         self.client = RemoteGenerator(server.url, BASE_NAME, api_key=server.api_key, concurrency=concurrency)
 
     @classmethod
-    def for_model(cls, model: str, args: Sequence[str] = (), concurrency: int = 64, **server) -> VllmEngine:
+    def for_model(cls, model: str, args: Sequence[str] = (), concurrency: int = 256, **server) -> VllmEngine:
         from prism.model.loading import weights_location
 
         return cls(VllmServer(weights_location(model), args=args, **server), concurrency)
