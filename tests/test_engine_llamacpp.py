@@ -11,7 +11,7 @@ import pytest
 
 from prism.serve.server import BackgroundServer
 
-pytest.importorskip("xllamacpp", reason="the llamacpp engine needs xllamacpp (pip install 'prism-persona[llamacpp]')")
+pytest.importorskip("xllamacpp", reason="the llamacpp engine needs xllamacpp (a core dependency: pip install -e .)")
 
 # The same tests, collected here with this module's `local` fixture (the engine's server).
 from conftest import TO_ADAPTER, TO_BASE  # noqa: E402

@@ -20,7 +20,8 @@ from prism.cli import main
 from prism.config import load_config
 from prism.io import read_jsonl
 from prism.pipeline import run_pipeline
-from prism.serve.server import BackgroundServer, free_port
+from prism.model.remote import free_port
+from prism.serve.server import BackgroundServer
 
 from conftest import TO_ADAPTER, TO_BASE
 

@@ -93,7 +93,7 @@ def _run_stages(run: RunDir, config: PrismConfig, model: ChatModel, personas, pe
             for stage in pending:
                 ctx = StageContext(config=config, model=generator if stage in GENERATING else model,
                                    personas=personas, run=run, quiet=quiet,
-                                   teacher=teacher if stage in on_engine else None)
+                                   teacher=teacher if stage == "distill" else None)
                 _run_stage(run, ctx, model, stage)
     finally:
         model.prefix_cache = saved_prefix_cache

@@ -62,17 +62,13 @@ def model_gguf(model: str, gguf: str | None) -> Path:
 def adapter_ggufs(run, base_gguf: Path) -> dict[str, Path]:
     """A finished run's adapters as llama.cpp LoRA GGUFs, written once into the cache (named by
     the adapter's weights and the base file, so a retrained adapter gets a new file)."""
-    import hashlib
-
     from prism.model.gguf import write_lora_gguf
-    from prism.model.loading import cache_dir, sha256_file
+    from prism.model.loading import adapter_fingerprint, cache_dir
 
     out = {}
     for name in run.finished_adapters():
         src = run.adapter_path(name)
-        key = hashlib.sha256((sha256_file(src / "adapter_model.safetensors") + str(base_gguf.resolve()) +
-                              (src / "adapter_config.json").read_text()).encode()).hexdigest()[:20]
-        dst = cache_dir() / "gguf" / f"lora-{key}.gguf"
+        dst = cache_dir() / "gguf" / f"lora-{adapter_fingerprint(src, str(base_gguf.resolve()))}.gguf"
         if not dst.is_file():
             write_lora_gguf(src, base_gguf, dst)
         out[name] = dst

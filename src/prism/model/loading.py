@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -121,11 +122,16 @@ def _dequantize(gguf: Path, target: Path, key: dict) -> None:
         atomic_write_text(tmp / STAMP, json.dumps({"key": key, "sha256": sha256_file(gguf)}))
 
 
+def adapter_fingerprint(adapter_dir: Path, *extra: str) -> str:
+    """A short key for a saved PEFT adapter (its weights, its config, and `extra`, e.g. the base file
+    it is written for): exports cached under it are redone when the adapter is retrained."""
+    text = sha256_file(adapter_dir / "adapter_model.safetensors") + (adapter_dir / "adapter_config.json").read_text()
+    return hashlib.sha256("".join((text, *extra)).encode()).hexdigest()[:20]
+
+
 def weights_location(model: str) -> str:
     """Where another engine (vLLM, SGLang, PEFT) finds the base weights: the embedded model's
     dequantized safetensors folder (vLLM does not load its GGUF), else the hub id or directory."""
-    from prism.config import EMBEDDED_MODEL
-
     return str(embedded_model_dir()) if model == EMBEDDED_MODEL else model
 
 
@@ -151,6 +157,18 @@ def locate(model: str, revision: str | None = None) -> tuple[str, str, dict]:
                   "weights": {p.name: p.stat().st_size for p in sorted(local.glob("*.safetensors"))}}
         return str(local), local.name, source
     return model, model, {"id": model, "kind": "hub", "revision": revision}
+
+
+@contextmanager
+def _hf_errors_only():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_model(
@@ -192,16 +210,8 @@ def load_model(
             config.layer_types = config.layer_types[:first_layers]
         extra["config"] = config
     try:
-        if first_layers is not None:  # the layers left out are "unexpected" keys: no report on them
-            from transformers.utils import logging as hf_logging
-
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-            try:
-                lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, use_safetensors=True, **kw, **extra)
-            finally:
-                hf_logging.set_verbosity(level)
-        else:
+        # With first_layers the layers left out are "unexpected" keys: no load report on them.
+        with _hf_errors_only() if first_layers is not None else nullcontext():
             lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, use_safetensors=True, **kw, **extra)
     except (OSError, ValueError) as e:
         raise ModelLoadError(

@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (for a server started in another process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def v1_url(url: str) -> str:
     url = url.rstrip("/")
     return url if url.endswith("/v1") else url + "/v1"
@@ -134,8 +143,8 @@ class RemoteGenerator:
 
 
 class RemoteGenerationModel:
-    """A local ChatModel whose `generate` runs on another generator (a server's RemoteGenerator, or
-    the in-process LlamaCppEngine); formatting, scoring and everything else stay local."""
+    """A local ChatModel whose `generate` runs on another generator (a server's RemoteGenerator, the
+    in-process LlamaCppEngine, or a VllmEngine); formatting, scoring and everything else stay local."""
 
     def __init__(self, local: ChatModel, generator: RemoteGenerator):
         self.local = local

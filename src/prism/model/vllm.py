@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,12 +62,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def lora_rank_limit(ranks: Sequence[int]) -> int:
     need = max(ranks, default=1)
     return next((r for r in LORA_RANKS if r >= need), need)
@@ -89,6 +82,8 @@ class VllmServer:
         if problem := unavailable():
             raise ConfigError(f"the vllm engine: {problem}")
         self.model, self.loras = model, dict(loras or {})
+        from prism.model.remote import free_port
+
         self.port = free_port()
         self.api_key = secrets.token_urlsafe(24)  # the loopback port is reachable by every local user
         self.log_path = Path(log_path or cache_dir() / "vllm" / f"server-{os.getpid()}-{self.port}.log")

@@ -52,16 +52,11 @@ def export_one(run: RunDir, name: str, out: Path, force: bool) -> dict:
 def cached_exports(run: RunDir, names: dict[str, str]) -> dict[str, Path]:
     """The run's adapters in this form, written once per adapter version into the prism cache (for
     the vLLM server `prism serve --engine vllm` starts), keyed by `names[adapter]`."""
-    import hashlib
-
-    from prism.model.loading import cache_dir, sha256_file
+    from prism.model.loading import adapter_fingerprint, cache_dir
 
     out = {}
     for adapter, served in names.items():
-        src = run.adapter_path(adapter)
-        key = hashlib.sha256((sha256_file(src / "adapter_model.safetensors") +
-                              (src / "adapter_config.json").read_text()).encode()).hexdigest()[:20]
-        dst = cache_dir() / "vllm" / f"lora-{key}"
+        dst = cache_dir() / "vllm" / f"lora-{adapter_fingerprint(run.adapter_path(adapter))}"
         if not (dst / EXPORTED[1]).is_file():
             export_one(run, adapter, dst, force=True)
         out[served] = dst

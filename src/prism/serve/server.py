@@ -7,7 +7,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -57,13 +56,6 @@ class BackgroundServer:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (for a server started in another process)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def is_loopback(host: str) -> bool:
@@ -116,16 +108,15 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
 
         local = ServeOptions(api_key=api_key, **_fields_of(ServeOptions, options))  # every limit checked first
         chosen = _engine_for(run_dir, engine, gguf)
-        if chosen == "vllm":  # the router in front of a vLLM server of our own, the run's adapters loaded
-            from prism.serve.router import RouterOptions, create_vllm_app
+        if chosen in ("vllm", "llamacpp"):  # the router in front of an engine of our own
+            from prism.serve.router import RouterOptions, create_engine_app, create_vllm_app
 
-            app = create_vllm_app(run_dir, RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options)),
-                                  vllm_args or [])
+            routing = RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options))
+        if chosen == "vllm":  # a vLLM server with the run's adapters loaded by name
+            app = create_vllm_app(run_dir, routing, vllm_args or [])
         elif chosen == "llamacpp":
-            from prism.serve.router import RouterOptions, create_engine_app
-
             prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=local.max_batch)
-            app = create_engine_app(prism, RouterOptions(api_key=api_key, **_fields_of(RouterOptions, options)))
+            app = create_engine_app(prism, routing)
             log.info("gate in torch (layer 0), generation on llama.cpp (%s, %d slots)", prism.engine.gguf.name,
                      local.max_batch)
         else:
