@@ -50,6 +50,7 @@ def run_one(engine: str, config: dict, workdir: Path) -> dict:
     return {"stages": stages, "stages_total": round(sum(stages.values()), 1), "wall": round(wall, 1),
             "startup_and_load": round(wall - sum(stages.values()), 1),
             "engine": manifest["stages"]["answers"].get("engine"),
+            "scored_on": manifest["stages"]["verdicts"].get("scored_on"),
             "tokens_generated": sum(manifest["stages"][s].get("tokens_generated", 0) for s in STAGES),
             "labels": {"distill": verdicts.get("distill"), "retain": verdicts.get("retain")},
             "judge_check": verdicts.get("judge_check"),
@@ -75,16 +76,19 @@ def main() -> int:
                     continue
             print(f"{engine} ...", flush=True)
             data["engines"][engine] = run_one(engine, config, Path(tmp))
-    rows, torch_total = [], data["engines"].get("torch", {}).get("stages_total")
+    torch_run = data["engines"].get("torch", {})
+    rows, torch_total, torch_wall = [], torch_run.get("stages_total"), torch_run.get("wall")
     for engine, r in data["engines"].items():
         if "error" in r:
-            rows.append([engine, "error: " + str(r["error"])[:60], "", "", "", "", "", "", ""])
+            rows.append([engine, "error: " + str(r["error"])[:60], "", "", "", "", "", "", "", "", ""])
             continue
         ratio = round(r["stages_total"] / torch_total, 3) if torch_total else ""
-        rows.append([engine, *r["stages"].values(), r["stages_total"], ratio, r["startup_and_load"],
+        wall_ratio = round(r["wall"] / torch_wall, 3) if torch_wall else ""
+        rows.append([engine, *r["stages"].values(), r["stages_total"], ratio, r["startup_and_load"], r["wall"],
+                     wall_ratio, r.get("scored_on", ""),
                      f"{r['labels']['distill']}/{r['labels']['retain']}", r["peak_child_rss_mb"]])
     text = table(["engine", "queries s", "answers s", "verdicts s", "stages 1-3 s", "/ torch", "start-up + load s",
-                  "labels distill/retain", "peak RSS MB"], rows,
+                  "wall s", "wall / torch", "judge scored on", "labels distill/retain", "peak RSS MB"], rows,
                  title=f"stages 1-3, {json.dumps(config)}")
     return finish("stages_engines", data, text, args.out)
 

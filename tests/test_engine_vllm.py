@@ -94,6 +94,36 @@ def test_scoring_requests_pass_through(local, embedded):
     assert max(abs(g - w) for g, w in zip(got, want)) < 0.5  # bfloat16 against float32
 
 
+def test_eval_generates_on_vllm_with_each_routes_adapter(local, run_dir, embedded, benchmarks_dir, tmp_path):
+    """`prism eval` with its replies on vLLM (the serving fixture's server: the run's adapter loaded as
+    a named LoRA, chosen per route): the routes equal the torch eval's, the replies are close to
+    torch's greedy ones (token agreement reported; bfloat16 against float32)."""
+    from test_eval_e2e import token_agreement
+
+    from prism.eval import run_eval
+    from prism.model.vllm import VllmEngine
+    from prism.run import RunDir
+    from prism.serve.router import upstream_names
+
+    engine = VllmEngine(local.app.state.vllm, adapters=upstream_names(RunDir(run_dir).finished_adapters()))
+    overrides = {"data": str(benchmarks_dir), "systems": ["base", "ungated", "prism"],
+                 "benchmarks": ["safety", "xstest"], "limits": {"harmbench": 2, "jailbreak": 1, "pku": 2, "xstest": 4}}
+    on_vllm = run_eval(tmp_path / "vllm", run_dir=run_dir, preset="micro", quiet=True, overrides=overrides,
+                       engine=engine)
+    on_torch = run_eval(tmp_path / "torch", run_dir=run_dir, preset="micro", quiet=True, overrides=overrides)
+    got = json.loads((tmp_path / "vllm" / "raw.json").read_text())
+    want = json.loads((tmp_path / "torch" / "raw.json").read_text())
+    agreement = {}
+    for system in ("base", "ungated", "prism"):
+        for bench in ("safety", "xstest"):
+            assert got[bench]["systems"][system]["routes"] == want[bench]["systems"][system]["routes"]
+        agreement[system] = token_agreement(embedded, *[[t for b in ("safety", "xstest")
+                                                         for t in r[b]["systems"][system]["texts"]] for r in (want, got)])
+    print(f"eval replies, vLLM vs torch greedy token agreement: {agreement}")
+    assert all(a >= 0.4 for a in agreement.values()), agreement
+    assert on_vllm["systems"].keys() == on_torch["systems"].keys()
+
+
 def test_all_stages_run_with_the_vllm_engine(tmp_path, run_dir):
     """`prism run --engine vllm`: stages 1-3 generate on a vLLM child server and stage 5's teacher
     pass scores there too (stopped afterwards); the manifest says so; the adapter is trained."""
@@ -108,6 +138,8 @@ def test_all_stages_run_with_the_vllm_engine(tmp_path, run_dir):
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     for stage in ("queries", "answers", "verdicts"):
         assert manifest["stages"][stage]["engine"] == "vllm"
+    # The likelihood judge scores in torch on a CPU (faster here than vLLM's prompt log-probabilities).
+    assert manifest["stages"]["verdicts"]["scored_on"] == "torch"
     distill = manifest["stages"]["distill"]
     assert distill["teacher"] == "vllm top-k log-probabilities" and distill["kl_final"] < distill["kl_initial"]
     assert "--enforce-eager" in manifest["config"]["vllm_args"]
@@ -117,6 +149,53 @@ def test_all_stages_run_with_the_vllm_engine(tmp_path, run_dir):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     leftover = [p for p in os.popen("ps -eo args").read().splitlines() if "vllm.entrypoints" in p]
     assert len(leftover) <= 1, leftover  # only the module's serving fixture, if any
+
+
+@pytest.fixture(scope="module")
+def bare_engine():
+    """A vLLM server without LoRA, as `prism run --engine vllm` starts it for stages 1-3 and the
+    teacher: with --enable-lora, vLLM 0.32's CPU build crashes on batched prompt log-probabilities
+    (punica add_lora_logits)."""
+    from prism.model.vllm import VllmEngine
+
+    engine = VllmEngine.for_model("embedded", args=["--enforce-eager"], max_logprobs=64)
+    yield engine
+    engine.close()
+
+
+def test_vllm_scores_tokens_as_torch_does_and_judges_alike(embedded, bare_engine):
+    """Stage 3's likelihood judge on vLLM's prompt log-probabilities: the scored tokens'
+    log-probabilities within bfloat16 noise of torch's float32 ones (mean gap < 0.15 nats), the same greedy flags and top
+    alternatives at nearly every position, and the judge's verdicts on known-answer pairs equal."""
+    from prism.judging import check_judge
+    from prism.judging.pairwise import LikelihoodJudge
+    from prism.model.remote import RemoteGenerationModel
+
+    pieces = [(embedded.token_ids(embedded.user_prompt(q)), embedded.token_ids(a)) for q, a in QA]
+    pieces.append((pieces[0][0][:1], pieces[0][1][:1]))  # one context token, one scored token
+    want = embedded.score_tokens(pieces, top=3)
+    got = bare_engine.score_tokens(pieces, top=3)
+    tokens = sum(len(w.logprobs) for w in want)
+    assert [len(g.logprobs) for g in got] == [len(w.logprobs) for w in want]
+    gaps = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs)]
+    mean, worst = sum(gaps) / len(gaps), max(gaps)
+    same_greedy = sum(a == b for g, w in zip(got, want) for a, b in zip(g.greedy, w.greedy))
+    same_top1 = sum(a[0][0] == b[0][0] for g, w in zip(got, want) for a, b in zip(g.top, w.top))
+    print(f"vLLM vs torch scoring: token log-prob gap mean {mean:.3f}, worst {worst:.3f}, greedy flags {same_greedy}/{tokens}, "
+          f"top-1 {same_top1}/{tokens}")
+    assert mean < 0.15 and worst < 1.5 and same_greedy >= 0.9 * tokens and same_top1 >= 0.9 * tokens
+    assert all(len(t) == 3 for g in got for t in g.top)
+    with pytest.raises(ValueError, match="context token"):
+        bare_engine.score_tokens([([], [1])])
+
+    # Known answers: the answer to this question (right) against the answer to the next one (wrong).
+    triples = [(q, a, QA[(i + 1) % len(QA)][1]) for i, (q, a) in enumerate(QA)]
+    on_torch = check_judge(LikelihoodJudge(embedded), triples)
+    on_vllm_model = RemoteGenerationModel(embedded, bare_engine, score_on_generator=True)
+    on_vllm = check_judge(LikelihoodJudge(on_vllm_model), triples)
+    print(f"likelihood judge on known pairs: torch {on_torch.accuracy:.2f}, vLLM {on_vllm.accuracy:.2f}")
+    assert on_vllm.accuracy >= on_torch.accuracy - 0.125 and on_vllm.passed == on_torch.passed
+    assert on_vllm_model.work_chunk == bare_engine.concurrency > embedded.work_chunk
 
 
 FRENCH = "Always answer in French. Réponds toujours en français."
@@ -130,7 +209,7 @@ QA = [("What is the capital of Italy?", "La capitale de l'Italie est Rome."),
       ("How many days are in a week?", "Il y a sept jours dans une semaine.")]
 
 
-def test_vllm_teacher_agrees_with_torch_and_distils_as_well(embedded):
+def test_vllm_teacher_agrees_with_torch_and_distils_as_well(embedded, bare_engine):
     """Stage 5's teacher pass on vLLM (prompt log-probabilities, bfloat16) against torch's (float32
     logits) on the same examples: the top-1 token agrees at >= 95% of positions (the mean KL between
     the two teachers' top-k distributions is printed), and a LoRA trained from either cache reaches
@@ -140,18 +219,11 @@ def test_vllm_teacher_agrees_with_torch_and_distils_as_well(embedded):
 
     from prism.distill import build_example, lora_config, student_batch, teacher_topk
     from prism.model.batching import decoder_layers
-    from prism.model.vllm import VllmEngine
 
     model, pad, k = embedded.model, embedded.tokenizer.pad_token_id, 64
     examples = [build_example(embedded, f"q{i}", q, a, FRENCH, "system", 128) for i, (q, a) in enumerate(QA)]
     exact = teacher_topk(model, examples, k, 4, pad)
-    # A server without LoRA, as `prism run --engine vllm` starts it: with --enable-lora, vLLM 0.32's CPU
-    # build crashes on batched prompt log-probabilities (punica add_lora_logits).
-    engine = VllmEngine.for_model("embedded", args=["--enforce-eager"], max_logprobs=k)
-    try:
-        on_vllm = engine.teacher_topk(examples, k)
-    finally:
-        engine.close()
+    on_vllm = bare_engine.teacher_topk(examples, k)
     assert not any(key.endswith(".lse") for key in on_vllm)
     agree = positions = 0
     kls = []

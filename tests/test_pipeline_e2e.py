@@ -69,6 +69,14 @@ def test_resuming_with_other_settings_is_refused(tmp_path, embedded, capsys):
     # A speed setting may differ: the same run resumes (nothing left to do) with another batch size.
     assert main(["run", "--preset", "micro", "--batch-size", "3", "--until", "queries", "--out",
                  str(tmp_path / "run"), "--quiet"]) == 0
+    # So may the settings of a stage that has not begun (stage 5 here), and the manifest keeps them.
+    (tmp_path / "later.yaml").write_text("distill: {epochs: 7}\njudge: {sanity_pairs: 3}\n")
+    assert main(["run", "--preset", "micro", "--config", str(tmp_path / "later.yaml"), "--until", "queries",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    config = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]
+    assert config["distill"]["epochs"] == 7 and config["judge"]["sanity_pairs"] == 3
+    assert main(["run", "--preset", "micro", "--config", str(tmp_path / "later.yaml"), "--n", "4", "--until",
+                 "queries", "--out", str(tmp_path / "run"), "--quiet"]) == 2  # not a finished stage's
 
 
 def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):

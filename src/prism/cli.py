@@ -296,7 +296,7 @@ def cmd_chat(args) -> int:
 
 
 EVAL_SETTINGS = ["--suite", "--data", "--limit", "--systems", "--benchmarks", "--shots", "--length", "--placement",
-                 "--persona-map", "--seed", *JUDGE_SETTINGS]
+                 "--persona-map", "--seed", "--engine", "--gguf", "--vllm-args", *JUDGE_SETTINGS]
 
 
 def cmd_eval(args) -> int:

@@ -83,12 +83,14 @@ class GateConfig(Section):
     # `source`: which context's queries a prompt is like (general queries: base).
     labels: Literal["verdicts", "source"] = "verdicts"
     pooling: Literal["auto", "last", "mean"] = "auto"  # auto: both, keep the better cross-validated one
-    hidden: tuple[int, ...] = (128, 64)  # () = a linear classifier
+    hidden: tuple[int, ...] = (128, 64)  # () = a linear classifier (logistic regression)
+    l2: float = Field(1.0, gt=0)  # linear: fitted to convergence with this L2 penalty on the weights
+    # An MLP: AdamW with these settings, stopped early on an inner split of each training fold.
     dropout: float = Field(0.1, ge=0, lt=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     max_epochs: int = Field(200, ge=1)
-    patience: int = Field(20, ge=1)  # early stopping on an inner split of each training fold
+    patience: int = Field(20, ge=1)
     holdout: float = Field(0.25, gt=0, lt=1)  # that inner split's share
     min_examples: int = Field(8, ge=2)  # fewer (or a single class) -> a constant rule
     folds: int = Field(5, ge=2)  # cross-validation folds for the decision rule
@@ -373,6 +375,11 @@ class EvalConfig(ScoringConfig):
     # `paper`: Table 1 (the benchmarks above); `contexts`: prism's context suite on a context run
     # (held-out questions per context, general questions, routing, prompt cost).
     suite: Literal["paper", "contexts"] = "paper"
+    # What generates the replies of a run's systems (as `prism run --engine`; auto: torch here);
+    # letter scores, judges and the gate stay in torch.
+    engine: Literal["auto", "torch", "llamacpp", "vllm"] = "auto"
+    gguf: str | None = None
+    vllm_args: list[str] = Field(default_factory=list)
     suite_max_new_tokens: int = Field(48, ge=1)
     suite_mtbench: int = Field(40, ge=0)  # MT-Bench first turns among the suite's general questions
     suite_limit: int | None = Field(None, ge=1)  # at most this many questions per context and of the factual ones

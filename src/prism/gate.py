@@ -198,19 +198,21 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[int]:
 
 def train_classifier(features: torch.Tensor, labels: Sequence[int], spec: GateSpec, *, lr: float = 1e-3,
                      weight_decay: float = 1e-2, max_epochs: int = 200, patience: int = 20, holdout: float = 0.25,
-                     seed: int = 0) -> Gate:
-    """A gate fitted with class-weighted cross-entropy, stopped early on an inner stratified split."""
+                     l2: float = 1.0, seed: int = 0) -> Gate:
+    """A gate fitted with class-weighted cross-entropy: a linear one (no hidden layer) to
+    convergence with an L2 penalty `l2`, an MLP stopped early on an inner stratified split."""
     torch.manual_seed(seed)
     gate = Gate(spec)
     x = features.float()
     y = torch.tensor(labels, dtype=torch.long)
+    if not spec.hidden:
+        return _fit_linear(gate, x, y, l2)
     inner = stratified_folds(labels, max(2, round(1 / holdout)), seed)
     val = torch.tensor([f == 0 for f in inner]) if len(set(labels)) > 1 and len(labels) >= 8 else torch.zeros(len(y), dtype=torch.bool)
     tr = ~val
     gate.mean.copy_(x[tr].mean(0))
     gate.std.copy_(x[tr].std(0).clamp(min=1e-4) if int(tr.sum()) > 1 else torch.ones(x.shape[1]))
-    counts = torch.bincount(y[tr], minlength=len(spec.classes)).float()
-    weight = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp(min=1)), torch.zeros_like(counts))
+    weight = class_weights(y[tr], len(spec.classes))
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_state, bad = math.inf, None, 0
@@ -230,6 +232,35 @@ def train_classifier(features: torch.Tensor, labels: Sequence[int], spec: GateSp
             break
     if best_state is not None:
         gate.load_state_dict(best_state)
+    return gate.eval()
+
+
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Each class weighted by n / (classes x its count): every class counts as much in the loss."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    return torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+
+
+def _fit_linear(gate: Gate, x: torch.Tensor, y: torch.Tensor, l2: float) -> Gate:
+    """Logistic regression on standardised features, fitted to convergence (full-batch L-BFGS):
+    class-weighted cross-entropy summed over rows + l2/2 * |W|^2 (the bias free). Measured on the
+    memory context's held-out user questions (runs/memF): AUC 0.92, where the same linear gate
+    stopped early by AdamW on an inner split reached 0.79 (it stops long before it converges)."""
+    gate.mean.copy_(x.mean(0))
+    gate.std.copy_(x.std(0).clamp(min=1e-4) if len(x) > 1 else torch.ones(x.shape[1]))
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y, len(gate.spec.classes)), reduction="sum")
+    linear = gate.mlp[-1]
+    opt = torch.optim.LBFGS(gate.parameters(), lr=1.0, max_iter=1000, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(gate.logits(x), y) + 0.5 * l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    gate.train()
+    opt.step(closure)
     return gate.eval()
 
 

@@ -115,7 +115,10 @@ def _run_stage(run: RunDir, ctx: StageContext, local: ChatModel, stage: str) -> 
     facts["tokens_generated"] = run.manifest["stages"][stage].get("tokens_generated", 0) + (
         model.tokens_generated - tok0)
     if stage in GENERATING:  # which engine generated (a resumed stage: the last)
-        facts["engine"] = getattr(getattr(model, "generator", None), "engine", "torch")
+        engine = getattr(getattr(model, "generator", None), "engine", "torch")
+        facts["engine"] = engine
+        if stage == "verdicts":  # where the model judge's log-probabilities came from
+            facts["scored_on"] = engine if getattr(model, "score_on_generator", False) else "torch"
     run.stage_done(stage, **facts)
     log.info("stage %s done in %.1fs: %s", stage, run.manifest["stages"][stage]["seconds"],
              {k: v for k, v in facts.items() if not isinstance(v, dict)})

@@ -22,6 +22,10 @@ from prism.records import SHARED
 # Settings that change speed, not results: a run may resume with different values.
 RUNTIME_KEYS = ("batch_size", "device", "prefix_cache", "generator_url", "generator_model", "generator_concurrency",
                 "engine", "gguf", "vllm_args")
+# The config section each stage alone reads: it may still change while its stage has not begun
+# (run --until gate, then distil with other settings or under several processes).
+STAGE_SECTIONS = {"queries": "queries", "answers": "answers", "judge": "verdicts", "gate": "gate",
+                  "distill": "distill"}
 
 
 def world_size() -> int:
@@ -165,6 +169,9 @@ class RunDir:
         if self.exists:
             old = results_fingerprint(self.config())
             new = results_fingerprint(config)
+            for section, stage in STAGE_SECTIONS.items():
+                if self.status(stage) == "pending":
+                    old.pop(section, None), new.pop(section, None)
             diffs = _diff(old, new)
             if diffs:
                 raise RunError(
@@ -175,7 +182,7 @@ class RunDir:
             if old_p != personas:
                 changed = sorted(n for n in set(old_p) | set(personas) if old_p.get(n) != personas.get(n))
                 raise RunError(f"{self.path}: the persona texts changed since the run started ({changed[:5]})")
-            if self.manifest["config"] != config.to_dict():  # runtime keys may change
+            if self.manifest["config"] != config.to_dict():  # runtime keys and pending stages' sections
                 self.manifest["config"] = config.to_dict()
                 self.save()
             return

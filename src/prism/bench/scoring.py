@@ -95,11 +95,14 @@ def user(text: str) -> list[dict]:
 
 class Scorer:
     """Cached scoring of cells over one model (named by `model_key`), caches in `folder`. With
-    `adapters` (a PrismModel sharing the model) cells routed to the adapter are scored with it on."""
+    `adapters` (a PrismModel sharing the model) cells routed to the adapter are scored with it on.
+    With `engine` (a LlamaCppEngine or VllmEngine holding the same model and adapters) the greedy
+    replies are generated there, each with its route's adapter; letter scores stay in torch."""
 
     def __init__(self, model, folder: str | Path, model_key: str, quiet: bool = False, adapters=None,
-                 adapter_variant: str | None = None):
+                 adapter_variant: str | None = None, engine=None):
         self.model = model
+        self.engine = engine
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model_key = model_key
@@ -119,16 +122,22 @@ class Scorer:
         todo = {k: x for k, x in zip(keys, inputs) if cache.get(k) is None}
         return sorted(todo.items(), key=lambda kx: (len(str(kx[1])), kx[0]))
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, variant: str = BASE, desc: str = "generating"
-                 ) -> list[dict]:
-        """Greedy continuations of formatted prompts: rows {key, text, tokens}."""
-        keys = [cache_key("gen", self.model_key, *_variant(variant), p, max_new_tokens) for p in prompts]
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, variant: str = BASE, desc: str = "generating",
+                 adapter: str | None = None) -> list[dict]:
+        """Greedy continuations of formatted prompts: rows {key, text, tokens}. `adapter`: the
+        engine's adapter for `variant` (torch: the caller has switched the model to it)."""
+        engine = () if self.engine is None else (self.engine.engine,)  # another engine, other replies
+        keys = [cache_key("gen", self.model_key, *engine, *_variant(variant), p, max_new_tokens) for p in prompts]
         todo = self._todo(self.gens, keys, list(prompts))
         bar = self._bar(len(todo), desc)
-        step = self.model.batch_size * 2
+        # An engine batches whatever is in flight: hand it more per call (the cache is written per call).
+        step = self.model.work_chunk if self.engine is None else 256
         for start in range(0, len(todo), step):
             part = todo[start : start + step]
-            gens = self.model.generate([p for _, p in part], max_new_tokens, temperature=0.0)
+            if self.engine is not None:
+                gens = self.engine.generate([p for _, p in part], max_new_tokens, temperature=0.0, adapter=adapter)
+            else:
+                gens = self.model.generate([p for _, p in part], max_new_tokens, temperature=0.0)
             self.gens.put([{"key": k, "variant": variant, "prompt": p[-2000:], "text": g.text, "tokens": g.n_tokens}
                            for (k, p), g in zip(part, gens)])
             self.computed["generations"] += len(part)
@@ -143,7 +152,7 @@ class Scorer:
         todo = self._todo(self.letters, keys, list(prompts))
         letter_ids = [self.model.variant_ids(L, required=True) for L in LETTERS]
         bar = self._bar(len(todo), "mmlu")
-        step = self.model.batch_size * 2
+        step = self.model.work_chunk
         for start in range(0, len(todo), step):
             part = todo[start : start + step]
             logp = self.model.next_token_logprobs([p for _, p in part])
@@ -174,12 +183,13 @@ class Scorer:
 
     # ----- cells: prompts, routes, and one function per benchmark ------------------------------
     def _by_route(self, cells: Sequence[Cell]):
-        """(variant, indices) per route present, with the model switched to it; the base model after."""
+        """(variant, adapter, indices) per route present, with the model switched to it; the base
+        model after."""
         if self.adapters is None:
-            yield BASE, list(range(len(cells)))
+            yield BASE, None, list(range(len(cells)))
             return
         for name, idx in self.adapters.grouped([c.route["adapter"] if c.route else None for c in cells]):
-            yield (f"{self.adapter_variant}/{name}" if name else BASE), idx
+            yield (f"{self.adapter_variant}/{name}" if name else BASE), name, idx
         self.adapters.set_adapter(None)
 
     def _prompts(self, cells: Sequence[Cell], conversations: Sequence[list[dict]]) -> list[str]:
@@ -190,8 +200,8 @@ class Scorer:
         """Each cell's greedy reply to its conversation, under its persona and route."""
         prompts = self._prompts(cells, conversations)
         out: list[dict | None] = [None] * len(cells)
-        for variant, idx in self._by_route(cells):
-            for i, row in zip(idx, self.generate([prompts[i] for i in idx], max_new_tokens, variant, desc)):
+        for variant, adapter, idx in self._by_route(cells):
+            for i, row in zip(idx, self.generate([prompts[i] for i in idx], max_new_tokens, variant, desc, adapter)):
                 out[i] = row
         return out  # type: ignore[return-value]
 
@@ -213,7 +223,7 @@ class Scorer:
         convs = [mmlu_conversation(c.item, (shots or {}).get(c.item.subject or "", [])) for c in cells]
         prompts = [p + MMLU_PREFIX for p in self._prompts(cells, convs)]
         rows: list[dict | None] = [None] * len(cells)
-        for variant, idx in self._by_route(cells):
+        for variant, _, idx in self._by_route(cells):
             for i, row in zip(idx, self.letter_scores([prompts[i] for i in idx], variant)):
                 rows[i] = row
         return [float(r["pred"] == c.item.answer) for r, c in zip(rows, cells)]

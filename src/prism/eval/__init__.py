@@ -12,9 +12,11 @@ from prism.config import EvalConfig, load_eval_config
 def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, model: str | None = None,
              preset: str | None = None, config_file: str | Path | None = None,
              overrides: dict[str, Any] | None = None, quiet: bool = False, chat_model=None,
-             settings: EvalConfig | None = None) -> dict:
+             settings: EvalConfig | None = None, engine=None) -> dict:
     """Evaluate the systems of a finished run (or only base/persona of `model`) into `out`
-    (default: RUN_DIR/eval). Settings: preset -> config file -> overrides, or `settings`."""
+    (default: RUN_DIR/eval). Settings: preset -> config file -> overrides, or `settings`.
+    Replies are generated on `engine` (a running LlamaCppEngine or VllmEngine with the run's model
+    and adapters), else on the engine the settings name (started here, stopped afterwards)."""
     from prism.bench.data import default_dir
     from prism.eval.evaluator import Evaluator
     from prism.eval.systems import Systems
@@ -60,7 +62,18 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
         return ContextSuite(prism, registry, list(run.manifest["personas"]), out, data_dir, s.suite_max_new_tokens,
                             s.suite_mtbench, s.seed, s.n_boot, quiet, s.suite_limit).run()
     systems = Systems(chat, prism, registry, s.persona_map, s.persona_length, s.placement)
-    return Evaluator(systems, s, data_dir, out, quiet=quiet).run(fingerprint)
+    own = None
+    if engine is None and prism is not None:
+        from prism.model.engines import run_on_engine
+
+        engine = own = run_on_engine(run, s.engine, chat, s.gguf, s.vllm_args)
+    if engine is not None:
+        fingerprint["engine"] = engine.engine
+    try:
+        return Evaluator(systems, s, data_dir, out, quiet=quiet, engine=engine).run(fingerprint)
+    finally:
+        if own is not None:
+            own.close()
 
 
 def check_data(data_dir: str, s: EvalConfig) -> None:

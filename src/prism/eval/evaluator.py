@@ -24,14 +24,15 @@ BENCHMARKS = ("mtbench", "mmlu", "safety", "xstest")
 
 
 class Evaluator:
-    def __init__(self, systems: Systems, settings: EvalConfig, data_dir: str, out: str | Path, quiet: bool = False):
+    def __init__(self, systems: Systems, settings: EvalConfig, data_dir: str, out: str | Path, quiet: bool = False,
+                 engine=None):
         self.sys = systems
         self.s = settings
         self.data_dir = data_dir
         self.out = Path(out)
         model = systems.model
         key = json.dumps({**model.source, "dtype": model.dtype_name}, sort_keys=True, default=str)
-        self.scorer = Scorer(model, self.out, key, quiet, systems.prism, systems.adapter_variant)
+        self.scorer = Scorer(model, self.out, key, quiet, systems.prism, systems.adapter_variant, engine)
         self.timings: dict[str, float] = {}
 
     @staticmethod

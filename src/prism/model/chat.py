@@ -103,6 +103,12 @@ class ChatModel:
         self._placement_warned = False
 
     @property
+    def work_chunk(self) -> int:
+        """Prompts per call of a stage: a few batches (progress is saved per call, and a call still
+        fills its batches)."""
+        return self.batch_size * 2
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

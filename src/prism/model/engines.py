@@ -46,6 +46,7 @@ def bulk_generation(config, local):
     """`local` (a ChatModel) with its `generate` on the engine the run's config asks for, for
     stages 1-3; the engine is shut down afterwards. Yields `local` itself for the torch engine."""
     from prism.model.remote import RemoteGenerationModel
+    from prism.model.vllm import VllmEngine
 
     generator = None
     if config.generator_url:  # a server someone else runs (vLLM on a cluster, a hosted API)
@@ -63,13 +64,36 @@ def bulk_generation(config, local):
                                        name=local.name, tokenize=local.token_ids)
             log.info("generating on llama.cpp (%s)", generator.gguf.name)
         elif engine == "vllm":
-            from prism.model.vllm import VllmEngine
-
             # Our own server: every prompt of a call in flight at once, vLLM's scheduler batches them
             # (generator_concurrency is the politeness limit for servers other people run).
             generator = VllmEngine.for_model(config.model, args=config.vllm_args, max_logprobs=config.distill.top_k)
+    # vLLM scores (stage 3's likelihood judge) only where torch is not on a CPU: on this 2-core CPU
+    # its prompt log-probabilities take 1.46x torch's bfloat16 time (benchmarks/scoring_engines.py).
+    # On a GPU its batched prefill should win; not measured here (no GPU).
+    score_there = isinstance(generator, VllmEngine) and local.device.type != "cpu"
     try:
-        yield local if generator is None else RemoteGenerationModel(local, generator)
+        yield local if generator is None else RemoteGenerationModel(local, generator, score_on_generator=score_there)
     finally:
         if generator is not None and hasattr(generator, "close"):
             generator.close()
+
+
+def run_on_engine(run, engine: str, local, gguf: str | None = None, vllm_args=(), slots: int = 16,
+                  context: int = 16384):
+    """A finished run's base model and adapters on `engine` (llamacpp: the model's GGUF and the
+    adapters as LoRA GGUFs; vllm: a child server with them as named LoRAs), generating like
+    `ChatModel.generate` with `adapter=` choosing one per call; None when the engine is torch.
+    `local` (the run's ChatModel, or its gate-only part) lends its tokenizer."""
+    config = run.config()
+    engine = pick_engine(engine, config.model, gguf, config.device, job="bulk")
+    if engine == "llamacpp":
+        from prism.model.llamacpp import LlamaCppEngine, adapter_ggufs, model_gguf
+
+        base = model_gguf(config.model, gguf)
+        return LlamaCppEngine(base, adapter_ggufs(run, base), slots=slots, context=context, name=local.name,
+                              tokenize=local.token_ids)
+    if engine == "vllm":
+        from prism.model.vllm import VllmEngine
+
+        return VllmEngine.for_run(run, args=vllm_args)
+    return None

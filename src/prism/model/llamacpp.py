@@ -128,6 +128,10 @@ class LlamaCppEngine:
     def url(self) -> str:
         return self.server.listening_address
 
+    def close(self) -> None:
+        """Free the model and its KV cache (xllamacpp stops its server with the object)."""
+        self.server = None
+
     def lora_field(self, adapter: str | None) -> list[dict]:
         """The per-request `lora` list: scale 1 for `adapter`, 0 for the others (None: base model)."""
         if adapter is not None and adapter not in self.lora_names:

@@ -109,8 +109,8 @@ class RemoteGenerator:
         self.tokens_generated = 0
 
     def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None) -> Generation:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
+             seed: int | None, model: str | None = None) -> Generation:
+        body = {"model": model or self.model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "add_special_tokens": self.add_special_tokens}
         if seed is not None:
             body["seed"] = seed
@@ -123,12 +123,13 @@ class RemoteGenerator:
         return Generation(text.strip(), n)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, progress=None) -> list[Generation]:
+                 seed: int | None = None, progress=None, model: str | None = None) -> list[Generation]:
         """One continuation per prompt. Prompt i gets seed + i, so identical prompts (stage 1 samples
-        one prompt many times) still give different samples, as locally."""
+        one prompt many times) still give different samples, as locally. `model`: another of the
+        server's models than the default one (a LoRA by its served name)."""
 
         def run(i: int) -> Generation:
-            gen = self._one(prompts[i], max_new_tokens, temperature, top_p, None if seed is None else seed + i)
+            gen = self._one(prompts[i], max_new_tokens, temperature, top_p, None if seed is None else seed + i, model)
             if progress is not None:
                 progress.update(1)
             return gen
@@ -146,9 +147,12 @@ class RemoteGenerationModel:
     """A local ChatModel whose `generate` runs on another generator (a server's RemoteGenerator, the
     in-process LlamaCppEngine, or a VllmEngine); formatting, scoring and everything else stay local."""
 
-    def __init__(self, local: ChatModel, generator: RemoteGenerator):
+    def __init__(self, local: ChatModel, generator: RemoteGenerator, score_on_generator: bool = False):
         self.local = local
         self.generator = generator
+        # Scoring (the likelihood judge) on the generator only where that is faster (model/engines.py).
+        self.score_on_generator = score_on_generator
+        self.scorer = generator.score_tokens if score_on_generator else local.score_tokens
 
     def __getattr__(self, name):  # formatting, scoring, .model, .tokenizer, ... stay local
         return getattr(self.local, name)
@@ -156,6 +160,16 @@ class RemoteGenerationModel:
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, progress=None) -> list[Generation]:
         return self.generator.generate(prompts, max_new_tokens, temperature, top_p, seed, progress)
+
+    def score_tokens(self, pieces, top: int = 0, progress=None):
+        return self.scorer(pieces, top=top, progress=progress)
+
+    continuation_logprobs = ChatModel.continuation_logprobs  # through this object's score_tokens
+
+    @property
+    def work_chunk(self) -> int:
+        """Prompts per call that keep the generator busy: a server batches all it has in flight."""
+        return max(self.local.work_chunk, getattr(self.generator, "concurrency", 0))
 
     @property
     def tokens_generated(self) -> int:

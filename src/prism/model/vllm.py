@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from prism.errors import ConfigError, ModelLoadError
-from prism.model.chat import Generation
+from prism.errors import ConfigError, ModelLoadError, RemoteError
+from prism.model.chat import Generation, TokenScores
 
 log = logging.getLogger(__name__)
 MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` console script fails on the CPU wheel
@@ -163,15 +163,17 @@ class VllmServer:
 
 
 class VllmEngine:
-    """Stages 1-3 generation on a child vLLM server: `generate` as `ChatModel.generate` (text
-    prompts with the template's special tokens already in them; prompt i samples with seed + i)."""
+    """Generation on a child vLLM server: `generate` as `ChatModel.generate` (text prompts with the
+    template's special tokens already in them; prompt i samples with seed + i), with `adapter` one
+    of the server's LoRAs (`adapters`: adapter name -> its served name), as `LlamaCppEngine`'s."""
 
     engine = "vllm"  # what a run's manifest records as the generating engine
 
-    def __init__(self, server: VllmServer, concurrency: int = 256):
+    def __init__(self, server: VllmServer, concurrency: int = 256, adapters: dict[str, str] | None = None):
         from prism.model.remote import RemoteGenerator
 
         self.server = server
+        self.adapters = dict(adapters or {})
         self.client = RemoteGenerator(server.url, BASE_NAME, api_key=server.api_key, concurrency=concurrency)
 
     @classmethod
@@ -184,9 +186,75 @@ class VllmEngine:
     def tokens_generated(self) -> int:
         return self.client.tokens_generated
 
+    @classmethod
+    def for_run(cls, run, args: Sequence[str] = (), **server) -> VllmEngine:
+        """The run's base model with its adapters exported (cached) and loaded as named LoRAs."""
+        from prism.model.loading import weights_location
+        from prism.serve.export import cached_exports
+
+        names = {a: f"prism-{a}" for a in run.finished_adapters()}
+        loras = cached_exports(run, names)
+        return cls(VllmServer(weights_location(run.config().model), loras=loras, args=args, **server), adapters=names)
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, progress=None) -> list[Generation]:
-        return self.client.generate(prompts, max_new_tokens, temperature, top_p, seed, progress)
+                 seed: int | None = None, progress=None, adapter: str | None = None) -> list[Generation]:
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; the vLLM server has {sorted(self.adapters)}")
+        model = self.adapters[adapter] if adapter is not None else None
+        return self.client.generate(prompts, max_new_tokens, temperature, top_p, seed, progress, model)
+
+    @property
+    def concurrency(self) -> int:
+        return self.client.concurrency
+
+    def _prompt_logprobs(self, ids: Sequence[int], n_last: int, k: int) -> list[list[tuple[int, float, int]]]:
+        """For the last `n_last` tokens of `ids`: (token id, log-probability, rank) of the token itself
+        and of the `k` most likely tokens at its position (vLLM's `prompt_logprobs`, temperature 1)."""
+        body = {"model": BASE_NAME, "prompt": list(ids), "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+        data = self.client.client.call("POST", "/completions", body)
+        try:
+            rows = data["choices"][0]["prompt_logprobs"][len(ids) - n_last:]
+            out = [[(int(t), float(v["logprob"]), int(v["rank"])) for t, v in row.items()] for row in rows]
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            raise RemoteError(f"{self.server.url}/completions sent no prompt_logprobs") from None
+        if len(out) != n_last:
+            raise RemoteError(f"{self.server.url}/completions sent {len(out)} prompt log-probabilities, not {n_last}")
+        return out
+
+    def _each(self, fn, items, progress=None) -> list:
+        """fn over items, `concurrency` requests in flight (vLLM's scheduler batches them)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(x):
+            out = fn(x)
+            if progress is not None:
+                progress.update(1)
+            return out
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(one, items))
+
+    def score_tokens(self, pieces, top: int = 0, progress=None) -> list[TokenScores]:
+        """`ChatModel.score_tokens` on vLLM: each (context ids, continuation ids) pair sent as one
+        prompt. The likelihood judge and letter scoring read these; at temperature 1 as in torch."""
+        if any(not ctx for ctx, _ in pieces):
+            raise ValueError("scoring needs at least one context token before the scored tokens")
+
+        def one(piece):
+            ctx, cont = piece
+            rows = self._prompt_logprobs([*ctx, *cont], len(cont), max(1, top))
+            logprobs, greedy, alternatives = [], [], []
+            for target, row in zip(cont, rows):
+                mine = next((lp for t, lp, _ in row if t == target), None)
+                if mine is None:
+                    raise RemoteError(f"{self.server.url} did not score a prompt token")
+                logprobs.append(mine)
+                best = min(row, key=lambda x: x[2])
+                greedy.append(best[0] == target or mine >= best[1])
+                alternatives.append([(t, lp) for t, lp, _ in sorted(row, key=lambda x: x[2])[:top]] if top else [])
+            return TokenScores(logprobs, greedy, alternatives, sum(logprobs))
+
+        return self._each(one, list(pieces), progress)
 
     def teacher_topk(self, examples, k: int, progress=None) -> dict:
         """Stage 5's teacher pass on vLLM: at each response position of each example (the persona
@@ -196,32 +264,20 @@ class VllmEngine:
         vocabulary is unknown: no `.lse` entries, and the loss compares both distributions
         renormalised over these k tokens (`distill.topk_kl` without `teacher_lse`)."""
         import torch
-        from concurrent.futures import ThreadPoolExecutor
-
-        from prism.errors import RemoteError
 
         def one(e):
-            body = {"model": BASE_NAME, "prompt": list(e.teacher_ids), "max_tokens": 1, "temperature": 0.0,
-                    "prompt_logprobs": k}
-            data = self.client.client.call("POST", "/completions", body)
-            try:
-                rows = data["choices"][0]["prompt_logprobs"][len(e.teacher_ids) - e.n_response:]
-                top = [sorted(((int(t), v["logprob"], v["rank"]) for t, v in row.items()), key=lambda x: x[2])[:k]
-                       for row in rows]
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise RemoteError(f"{self.server.url}/completions sent no prompt_logprobs") from None
-            if len(top) != e.n_response or any(len(t) < k for t in top):
+            rows = self._prompt_logprobs(e.teacher_ids, e.n_response, k)
+            # The row also holds the prompt token itself when it is not among the top k: keep ranks 1..k.
+            top = [sorted((x for x in row if x[2] <= k), key=lambda x: x[2])[:k] for row in rows]
+            if any(len(t) < k for t in top):
                 raise RemoteError(f"vLLM returned fewer than {k} prompt log-probabilities per position "
                                   "(start it with --max-logprobs >= distill.top_k)")
-            if progress is not None:
-                progress.update(1)
             return (e.key, torch.tensor([[v for _, v, _ in t] for t in top], dtype=torch.float32),
                     torch.tensor([[i for i, _, _ in t] for t in top], dtype=torch.int32))
 
         out = {}
-        with ThreadPoolExecutor(max_workers=self.client.concurrency) as pool:
-            for key, values, indices in pool.map(one, examples):
-                out[f"{key}.values"], out[f"{key}.indices"] = values, indices
+        for key, values, indices in self._each(one, list(examples), progress):
+            out[f"{key}.values"], out[f"{key}.indices"] = values, indices
         return out
 
     def close(self) -> None:

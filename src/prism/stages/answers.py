@@ -33,8 +33,7 @@ def run_answers(ctx: StageContext) -> dict:
     base_of = {r["query_id"]: (r["answer_base"], r["tokens_base"]) for r in rows}  # one base answer per query
     todo = [(q, name) for q, name in pairs if (q.id, name) not in done]
     bar = ctx.progress(total=len(todo), desc="stage 2/5 answers")
-    # Chunks of a few batches: progress is saved per chunk, and a chunk still fills batches.
-    chunk = max(1, ctx.model.batch_size * 2)
+    chunk = max(1, ctx.model.work_chunk)  # progress is saved per chunk
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         need_base = list({q.id: q for q, _ in part if q.id not in base_of}.values())

@@ -160,13 +160,15 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
     log.info("stage 5: %d examples, initial KL %.4f", len(examples), kl_initial)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total_steps = cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
     loader = torch.utils.data.DataLoader(list(range(len(examples))), batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(ctx.config.seed),
                                          collate_fn=lambda idx: idx)
-    peft_model, opt, loader, sched = accelerator.prepare(peft_model, opt, loader, sched)
+    peft_model, opt, loader = accelerator.prepare(peft_model, opt, loader)
+    # The schedule counts this process's optimizer steps (its share of the batches), so N processes
+    # follow the curve one process follows at the same effective batch; the scheduler stays out of
+    # accelerator.prepare, which would step it once per process.
+    total_steps = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
 
     ckpt = out / "checkpoint"
     recover_directory(ckpt)  # killed between the two renames of a checkpoint swap

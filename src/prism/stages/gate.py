@@ -75,7 +75,7 @@ def run_gate(ctx: StageContext) -> dict:
         candidates[pooling] = fit_gate(
             feats, labels, utility, classes, hidden=cfg.hidden, dropout=cfg.dropout, pooling=pooling, folds=cfg.folds,
             min_examples=cfg.min_examples, seed=ctx.config.seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            max_epochs=cfg.max_epochs, patience=cfg.patience, holdout=cfg.holdout)
+            max_epochs=cfg.max_epochs, patience=cfg.patience, holdout=cfg.holdout, l2=cfg.l2)
     best = max(candidates, key=lambda p: candidates[p].spec.metrics.get("cv_utility", {}).get("gate", -1e9))
     gate = candidates[best]
     gate.spec.members = {c: [p.name for p in ctx.personas if class_of[p.name] == c] if ctx.config.adapters == "per_context"

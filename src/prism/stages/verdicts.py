@@ -87,7 +87,7 @@ def run_verdicts(ctx: StageContext) -> dict:
         warn_if_chance(check)
         todo = [a for a in todo if not checks.get(a.persona)]
         bar = ctx.progress(total=2 * len(todo), desc="stage 3/5 verdicts")
-        chunk = max(1, ctx.model.batch_size * 2)
+        chunk = max(1, ctx.model.work_chunk)
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             first = judge.prefer_a([(a.query, a.answer_persona, a.answer_base) for a in part], progress=bar)
