@@ -18,7 +18,8 @@ LAYERS = [
     ("prism.model",),
     ("prism.run",),
     ("prism.judging",),
-    ("prism.gate", "prism.distill"),  # the gate MLP and the distillation maths (libraries of stages 4-5)
+    # the gate MLP, the distillation maths (libraries of stages 4-5), adapters in other formats
+    ("prism.gate", "prism.distill", "prism.export"),
     ("prism.stages",),
     ("prism.pipeline",),
     ("prism.routed",),

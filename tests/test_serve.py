@@ -466,7 +466,7 @@ def test_exported_adapter_is_the_same_function(run_dir, tmp_path):
     from safetensors.torch import load_file
 
     from prism.model import load_model
-    from prism.serve.export import export_adapter
+    from prism.export import export_adapter
 
     info = export_adapter(run_dir, tmp_path / "export")
     cfg = json.loads((tmp_path / "export" / "adapter_config.json").read_text())

@@ -347,7 +347,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export_adapter(args) -> int:
-    from prism.serve.export import export_adapter
+    from prism.export import export_adapter
 
     print(json.dumps(export_adapter(args.run_dir, args.out, force=args.force, format=args.format, gguf=args.gguf),
                      indent=2))

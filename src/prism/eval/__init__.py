@@ -64,7 +64,7 @@ def run_eval(out: str | Path | None = None, run_dir: str | Path | None = None, m
     systems = Systems(chat, prism, registry, s.persona_map, s.persona_length, s.placement)
     own = None
     if engine is None and prism is not None:
-        from prism.model.engines import run_on_engine
+        from prism.routed import run_on_engine
 
         engine = own = run_on_engine(run, s.engine, chat, s.gguf, s.vllm_args)
     if engine is not None:

@@ -77,23 +77,3 @@ def bulk_generation(config, local):
         if generator is not None and hasattr(generator, "close"):
             generator.close()
 
-
-def run_on_engine(run, engine: str, local, gguf: str | None = None, vllm_args=(), slots: int = 16,
-                  context: int = 16384):
-    """A finished run's base model and adapters on `engine` (llamacpp: the model's GGUF and the
-    adapters as LoRA GGUFs; vllm: a child server with them as named LoRAs), generating like
-    `ChatModel.generate` with `adapter=` choosing one per call; None when the engine is torch.
-    `local` (the run's ChatModel, or its gate-only part) lends its tokenizer."""
-    config = run.config()
-    engine = pick_engine(engine, config.model, gguf, config.device, job="bulk")
-    if engine == "llamacpp":
-        from prism.model.llamacpp import LlamaCppEngine, adapter_ggufs, model_gguf
-
-        base = model_gguf(config.model, gguf)
-        return LlamaCppEngine(base, adapter_ggufs(run, base), slots=slots, context=context, name=local.name,
-                              tokenize=local.token_ids)
-    if engine == "vllm":
-        from prism.model.vllm import VllmEngine
-
-        return VllmEngine.for_run(run, args=vllm_args)
-    return None

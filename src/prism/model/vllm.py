@@ -186,16 +186,6 @@ class VllmEngine:
     def tokens_generated(self) -> int:
         return self.client.tokens_generated
 
-    @classmethod
-    def for_run(cls, run, args: Sequence[str] = (), **server) -> VllmEngine:
-        """The run's base model with its adapters exported (cached) and loaded as named LoRAs."""
-        from prism.model.loading import weights_location
-        from prism.serve.export import cached_exports
-
-        names = {a: f"prism-{a}" for a in run.finished_adapters()}
-        loras = cached_exports(run, names)
-        return cls(VllmServer(weights_location(run.config().model), loras=loras, args=args, **server), adapters=names)
-
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, progress=None, adapter: str | None = None) -> list[Generation]:
         if adapter is not None and adapter not in self.adapters:

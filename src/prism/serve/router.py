@@ -238,7 +238,7 @@ def create_vllm_app(run_dir, options: RouterOptions, vllm_args: list[str]) -> Fa
     process with the run's adapters exported and loaded under the names the router sends."""
     from prism.model.loading import weights_location
     from prism.model.vllm import BASE_NAME, VllmServer
-    from prism.serve.export import cached_exports
+    from prism.export import cached_exports
     from prism.routed import PrismModel
     from prism.run import RunDir
 
