@@ -76,4 +76,3 @@ def bulk_generation(config, local):
     finally:
         if generator is not None and hasattr(generator, "close"):
             generator.close()
-
