@@ -56,7 +56,7 @@ def test_a_linear_gate_is_fitted_to_the_regularised_optimum():
     weights = {}
     for l2 in (0.1, 10.0):
         gate = train_classifier(x, y, spec, l2=l2)
-        weights[l2] = float(gate.mlp[-1].weight.norm())
+        weights[l2] = float(gate.mlp[-1].weight.detach().norm())
         params = [p.detach().clone().requires_grad_(True) for p in gate.mlp[-1].parameters()]
         z = (x - gate.mean) / gate.std
         loss = torch.nn.functional.cross_entropy(z @ params[0].T + params[1], torch.tensor(y), reduction="sum",
