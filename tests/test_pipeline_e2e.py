@@ -77,6 +77,12 @@ def test_resuming_with_other_settings_is_refused(tmp_path, embedded, capsys):
     assert config["distill"]["epochs"] == 7 and config["judge"]["sanity_pairs"] == 3
     assert main(["run", "--preset", "micro", "--config", str(tmp_path / "later.yaml"), "--n", "4", "--until",
                  "queries", "--out", str(tmp_path / "run"), "--quiet"]) == 2  # not a finished stage's
+    # Without --preset a resumed run starts from its own settings: a file changes what it names only.
+    (tmp_path / "gate.yaml").write_text("gate: {l2: 3.0}\n")
+    assert main(["run", "--config", str(tmp_path / "gate.yaml"), "--until", "queries", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    config = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]
+    assert config["gate"]["l2"] == 3.0 and config["distill"]["epochs"] == 7 and config["persona_length"] == "minimal"
 
 
 def test_kill_mid_stage_then_resume_without_redoing_finished_items(tmp_path):

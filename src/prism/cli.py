@@ -160,15 +160,14 @@ def _setup_logging(quiet: bool) -> None:
 # ----- subcommands ---------------------------------------------------------------------------
 def _run_config(args):
     """The settings a run command means: preset -> file -> flags; but resuming a run without naming a
-    preset or file continues with the run's own settings (a preset may have changed since)."""
-    from prism.config import PrismConfig, deep_merge, load_config, undot
+    preset starts from the run's own settings instead (a preset may have changed since), so a file
+    or flags change only what they name (e.g. a stage that has not begun)."""
+    from prism.config import load_config
     from prism.run import RunDir
 
-    overrides = _overrides(args, RUN_SETTINGS)
     out = getattr(args, "out", None)
-    if out and args.preset is None and args.config is None and RunDir(out).exists:
-        return PrismConfig(**deep_merge(RunDir(out).config().to_dict(), undot(overrides)))
-    return load_config(args.preset, args.config, overrides)
+    base = RunDir(out).config().to_dict() if out and args.preset is None and RunDir(out).exists else None
+    return load_config(args.preset, args.config, _overrides(args, RUN_SETTINGS), base=base)
 
 
 def cmd_run(args) -> int:

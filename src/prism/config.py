@@ -269,10 +269,12 @@ def load_settings(
     overrides: dict[str, Any] | None = None,
     default_preset: str | None = None,
     what: str = "run",
+    base: dict[str, Any] | None = None,
 ) -> S:
     """Resolve preset -> YAML file -> overrides into one validated `cls`.
 
     A YAML file may name its own preset (`preset: paper`); an explicit `preset` argument wins.
+    Without either, `base` (a resumed run's own settings) takes the preset's place.
     Overrides may use dotted keys (`{"queries.n_per_persona": 4}`); None values are skipped.
     """
     file_data: dict[str, Any] = {}
@@ -284,16 +286,18 @@ def load_settings(
         if preset is None and file_preset:
             preset = str(file_preset)
         source = f"config file {path}"
-    preset = preset or default_preset or next(iter(presets))
-    if preset not in presets:
+    if preset is None and base is None:
+        preset = default_preset or next(iter(presets))
+    if preset is not None and preset not in presets:
         raise ConfigError(f"unknown {what} preset {preset!r}; choose one of {', '.join(presets)}")
-    merged = deep_merge(presets[preset], file_data)
+    merged = deep_merge(presets[preset] if preset is not None else base, file_data)
     merged = deep_merge(merged, undot(overrides or {}))
     try:
         return cls(**merged)
     except ValidationError as e:
         problems = "; ".join(_problem(err) for err in e.errors())
-        raise ConfigError(f"invalid {what} {source} (preset {preset!r}): {problems}") from None
+        start = f"preset {preset!r}" if preset is not None else "the run's own settings"
+        raise ConfigError(f"invalid {what} {source} ({start}): {problems}") from None
 
 
 def _problem(err: dict) -> str:
@@ -309,9 +313,10 @@ def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> PrismConfig:
     """The settings of a run (see load_settings)."""
-    return load_settings(PrismConfig, PRESETS, preset, config_file, overrides, DEFAULT_PRESET)
+    return load_settings(PrismConfig, PRESETS, preset, config_file, overrides, DEFAULT_PRESET, base=base)
 
 
 def undot(flat: dict[str, Any]) -> dict[str, Any]:
