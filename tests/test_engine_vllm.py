@@ -101,9 +101,9 @@ def test_eval_generates_on_vllm_with_each_routes_adapter(local, run_dir, embedde
     from test_eval_e2e import token_agreement
 
     from prism.eval import run_eval
+    from prism.export import upstream_names
     from prism.model.vllm import VllmEngine
     from prism.run import RunDir
-    from prism.serve.router import upstream_names
 
     engine = VllmEngine(local.app.state.vllm, adapters=upstream_names(RunDir(run_dir).finished_adapters()))
     overrides = {"data": str(benchmarks_dir), "systems": ["base", "ungated", "prism"],

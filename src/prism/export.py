@@ -26,6 +26,13 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 EXPORTED = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def upstream_names(adapters: list[str], single: str = "prism-adapter") -> dict[str, str]:
+    """The served model name of each adapter of a run (the vLLM command `export_adapter` prints,
+    the router's upstream, prism's own vLLM server): `single` for a one-adapter run, `prism-<name>`
+    for each of several."""
+    return {adapters[0]: single} if len(adapters) == 1 else {a: f"prism-{a}" for a in adapters}
+
+
 def export_one(run: RunDir, name: str, out: Path, force: bool) -> dict:
     src = run.adapter_path(name)
     if not (src / "adapter_config.json").is_file():
@@ -95,7 +102,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, force: bool = False, fo
     single = len(names) == 1
     exported = {n: export_one(run, n, out if single else out / n, force) for n in names}
     base = weights_location(run.config().model)
-    modules = " ".join(f"{'prism-adapter' if single else 'prism-' + n}={e['adapter']}" for n, e in exported.items())
+    served = upstream_names(names)
+    modules = " ".join(f"{served[n]}={e['adapter']}" for n, e in exported.items())
     rank = max(e["rank"] or 0 for e in exported.values())
     return {"adapters": exported, "base_model": base,
             "vllm": f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {modules}"}

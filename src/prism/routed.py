@@ -289,11 +289,11 @@ def run_on_engine(run: RunDir, engine: str, local: ChatModel, gguf: str | None =
         return LlamaCppEngine(base, adapter_ggufs(run, base), slots=slots, context=context, name=local.name,
                               tokenize=local.token_ids)
     if engine == "vllm":
-        from prism.export import cached_exports
+        from prism.export import cached_exports, upstream_names
         from prism.model.loading import weights_location
         from prism.model.vllm import VllmEngine, VllmServer
 
-        names = {a: f"prism-{a}" for a in run.finished_adapters()}
+        names = upstream_names(run.finished_adapters())
         server = VllmServer(weights_location(config.model), loras=cached_exports(run, names), args=vllm_args)
         return VllmEngine(server, adapters=names)
     return None

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prism.errors import RemoteError
+from prism.export import cached_exports, upstream_names
 from prism.model.remote import OpenAIClient, auth_headers, v1_url
 from prism.routed import Route
 from prism.serve import protocol as P
@@ -45,12 +46,6 @@ class RouterOptions(P.HttpOptions):
     def __post_init__(self):
         super().__post_init__()
         P.at_least(self, timeout=0.001, max_connections=1)
-
-
-def upstream_names(adapters: list[str], single: str = P.MODEL_ADAPTER) -> dict[str, str]:
-    """The upstream's model name for each adapter of a run, as `prism export-adapter` prints them:
-    `single` for a one-adapter run, `prism-<name>` for each of several."""
-    return {adapters[0]: single} if len(adapters) == 1 else {a: f"prism-{a}" for a in adapters}
 
 
 def discover_base(upstream: str, adapters: list[str], api_key: str | None = None, timeout: float = 10.0) -> str:
@@ -238,7 +233,6 @@ def create_vllm_app(run_dir, options: RouterOptions, vllm_args: list[str]) -> Fa
     process with the run's adapters exported and loaded under the names the router sends."""
     from prism.model.loading import weights_location
     from prism.model.vllm import BASE_NAME, VllmServer
-    from prism.export import cached_exports
     from prism.routed import PrismModel
     from prism.run import RunDir
 

@@ -93,7 +93,8 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     # Settings are checked before anything slow (the upstream, the model) is touched.
     if upstream:
         from prism.run import RunDir
-        from prism.serve.router import RouterOptions, create_router_app, discover_base, upstream_names
+        from prism.export import upstream_names
+        from prism.serve.router import RouterOptions, create_router_app, discover_base
 
         upstream_api_key = upstream_api_key or os.environ.get("PRISM_UPSTREAM_API_KEY") or None
         opts = RouterOptions(upstream=upstream, upstream_base=upstream_base or "", upstream_adapter=upstream_adapter,
