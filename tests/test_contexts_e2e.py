@@ -48,6 +48,13 @@ def test_one_adapter_per_context_and_a_gate_with_one_class_per_group(run_dir, ro
     assert facts["rule"] in ("gate", "constant") and "cv_utility" in facts["metrics"] or facts["metrics"]["constant"]
     # Saved and loaded: the same routes, the same adapters.
     assert routed.adapters == CONTEXTS and routed.members == gate.spec.members
+    # Stage 1 kept only the contexts' questions that name one of their facts.
+    from prism.contexts import ContextRegistry
+
+    registry = ContextRegistry.load("suite:contexts")
+    queries = [json.loads(line) for line in (run_dir / "queries.jsonl").read_text().splitlines()]
+    own = [q for q in queries if q["persona"] in CONTEXTS]
+    assert len(own) == 3 * 6 and all(registry.get(q["persona"]).fact_for(q["text"]) for q in own)
 
 
 def test_each_adapter_is_its_own_function_and_off_is_the_exact_base(routed):

@@ -237,3 +237,22 @@ def test_distillation_resumes_after_a_crash_mid_checkpoint_swap(micro_run, embed
     mine = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     ref = load_file(str(micro_run / "adapter" / "adapter_model.safetensors"))
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+
+
+def test_the_answer_term_scores_exactly_the_response_tokens(embedded):
+    """Each masked position's target is the response token it predicts, so the answer term equals a
+    plain causal-LM loss on the response computed by hand."""
+    model, pad = embedded.model, embedded.tokenizer.pad_token_id
+    examples = _examples(embedded, "Always answer in French.")[:3]  # responses of different lengths
+    batch = student_batch(examples, teacher_topk(model, examples, 8, 4, pad), pad, 8)
+    with torch.no_grad():
+        logits = batch.logits(model)
+        got = batch.answer_nll(logits).item()
+        by_hand = []
+        for e in examples:
+            full = model(input_ids=torch.tensor([e.student_ids])).logits[0].float().log_softmax(-1)
+            resp = e.student_ids[-e.n_response:]
+            start = len(e.student_ids) - e.n_response
+            by_hand += [-full[start - 1 + j, t].item() for j, t in enumerate(resp)]
+    assert batch.mask.sum().item() == sum(e.n_response for e in examples)
+    assert got == pytest.approx(sum(by_hand) / len(by_hand), rel=2e-3)

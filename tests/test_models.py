@@ -175,3 +175,27 @@ def test_next_token_logprobs_come_back_in_input_order(embedded):
     together = embedded.next_token_logprobs(prompts)
     for i, p in enumerate(prompts):
         assert torch.allclose(together[i], embedded.next_token_logprobs([p])[0], atol=1e-3)
+
+
+@pytest.mark.slow  # the real model
+def test_query_pooling_reads_the_users_words_only(embedded):
+    import torch
+
+    from prism.model.batching import first_layer_output
+
+    prompts = [embedded.user_prompt(q) for q in ("What is my name?", "Explain photosynthesis to a child, briefly.")]
+    for q, p in zip(("What is my name?", "Explain photosynthesis to a child, briefly."), prompts):
+        span = embedded.query_span(p)
+        ids = embedded.token_ids(p)
+        assert 0 in span and embedded.tokenizer.decode([t for t, s in zip(ids, span) if s]) == q
+    assert set(embedded.query_span("plain text, no template")) == {1}  # not the template's: every token
+    # Batched and left-padded, each row is the mean of that prompt's own user tokens.
+    means, maxima = (embedded.layer1_states(prompts, pooling=p) for p in ("query", "max"))
+    with torch.no_grad():
+        for mean, top, p in zip(means, maxima, prompts):
+            ids = torch.tensor([embedded.token_ids(p)])
+            h = first_layer_output(embedded.model, ids, torch.ones_like(ids))[0].float()
+            span = torch.tensor(embedded.query_span(p), dtype=torch.bool)
+            assert torch.allclose(mean, h[span].mean(0), atol=1e-4)
+            assert not torch.allclose(mean, h.mean(0), atol=1e-3)  # not the plain mean
+            assert torch.allclose(top, h[span].max(0).values, atol=1e-4)  # padding never wins the max

@@ -1,6 +1,7 @@
 import pytest
 
-from prism.stages.queries import accept, clean_query, normalise
+from prism.contexts import ContextRegistry
+from prism.stages.queries import accept, clean_query, normalise, on_target
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -39,6 +40,19 @@ def test_accept_filters_short_deduplicates_and_caps():
     assert kept == [(2, "How do black holes form?"), (4, "What is dark matter made of?")]
     assert normalise("What is dark matter made of?") in seen
     assert normalise("Why do stars twinkle at night?") not in seen  # never looked at: cap reached
+
+
+def test_a_facts_context_keeps_only_queries_that_name_one_of_its_keys():
+    reg = ContextRegistry.load("suite:contexts")
+    memory = reg.get("memory_maya")
+    keep = on_target(memory)
+    raw = ["Where is Mount Etna?", "What's my dog's name?", "Tell me my allergies.", "Which colours do I like?",
+           "Who wrote Hamlet?", "Which city do I live in?"]
+    assert [t for _, t in accept(raw, set(), 5, 10, keep)] == [
+        "What's my dog's name?", "Tell me my allergies.", "Which colours do I like?", "Which city do I live in?"]
+    assert memory.fact_for("Tell me my allergies.").key == "allergy"  # plural key words count
+    # Personas, general queries and contexts without facts are not filtered.
+    assert on_target(None) is None and on_target(reg.get("writing")) is None
 
 
 @pytest.mark.slow  # the real model

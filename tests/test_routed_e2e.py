@@ -58,11 +58,11 @@ def test_run_writes_peft_adapter_gate_and_manifest_facts(finished_run):
     base = load_model()
     peft_model = PeftModel.from_pretrained(base.model, str(finished_run / "adapter"))  # plain PEFT loads it
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
-    # pooling "auto": both were tried and the one with the better cross-validated utility kept (the
+    # pooling "auto": all four were tried and the one with the best cross-validated utility kept (the
     # first, mean, on a tie).
     gate = Gate.load(finished_run / "gate")
     compared = gate_facts["metrics"]["pooling_compared"]
-    assert set(compared) == {"mean", "last"}
+    assert set(compared) == {"mean", "last", "query", "max"}
     best = max(compared, key=lambda p: (compared[p] or {}).get("gate", -1e9))
     assert gate.spec.pooling == gate_facts["pooling"] == best
 

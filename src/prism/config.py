@@ -82,7 +82,9 @@ class GateConfig(Section):
     # What it learns: `verdicts` (the paper): the adapter where its context won the verdict;
     # `source`: which context's queries a prompt is like (general queries: base).
     labels: Literal["verdicts", "source"] = "verdicts"
-    pooling: Literal["auto", "last", "mean"] = "auto"  # auto: both, keep the better cross-validated one
+    # mean: every token of the prompt; query: the user's words only (not the chat template); max:
+    # their elementwise maximum; last: the last token. auto: all, the best cross-validated one kept.
+    pooling: Literal["auto", "last", "mean", "query", "max"] = "auto"
     hidden: tuple[int, ...] = (128, 64)  # () = a linear classifier (logistic regression)
     l2: float = Field(1.0, gt=0)  # linear: fitted to convergence with this L2 penalty on the weights
     # An MLP: AdamW with these settings, stopped early on an inner split of each training fold.
@@ -124,6 +126,12 @@ class DistillConfig(Section):
     # (every answer of a context to its own queries: the teacher's distributions carry its facts
     # even where its sampled answer missed them).
     examples: Literal["wins", "served"] = "wins"
+    # Weight of a cross-entropy term on the distilled answers' own tokens, added to the KL (0: KL
+    # alone, the paper). Where a program check picked the best of several sampled answers
+    # (`answers.samples`), this pulls the student toward answers that pass the check rather than
+    # toward the teacher's average reply (measured: the prompted teacher's own greedy reply states
+    # the fact for 20% of its training queries).
+    answer_weight: float = Field(0.0, ge=0)
 
 
 class PrismConfig(Section):
@@ -202,14 +210,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Contexts, not personas: a user's memory, a product sheet and a travel guide (prism's context
     # suite, `prism eval RUN --suite contexts`), one adapter each behind a 4-way gate that also sees
     # general queries. Checks are programs (the answer states the fact), so no model judge runs.
+    # Measured with Maya's memory alone (README, "The context suite"): facts reach the weights only
+    # with many questions per fact (32 per context: 2.5% held-out recall; 160: 20%), the best of 6
+    # checked answers and the answer term (20% -> 52.5%, the prompted model: 40%); the gate needs
+    # many general questions to say "base" to short quiz questions.
     "contexts": {
         "persona_dir": "suite:contexts", "personas": ["memory_maya", "zorblax", "vellmoor"],
         "adapters": "per_context", "infer_dtype": "auto",
-        "queries": {"n_per_persona": 32, "n_general": 48, "persona_in_context": False},
-        "answers": {"cross": True, "max_new_tokens": 48},
+        "queries": {"n_per_persona": 160, "n_general": 288, "persona_in_context": False},
+        "answers": {"cross": True, "max_new_tokens": 48, "samples": 6},
         "gate": {"labels": "source", "hidden": [], "lr": 3e-2, "max_epochs": 300, "patience": 30},
-        "distill": {"epochs": 8, "lr": 1e-3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384,
-                    "train_dtype": "bfloat16"},
+        "distill": {"epochs": 20, "lr": 1e-3, "batch_size": 4, "grad_accum": 2, "max_seq_len": 384,
+                    "train_dtype": "bfloat16", "answer_weight": 1.0},
     },
     # Tests: the context suite's memory and product sheet, a handful of queries each.
     "micro-contexts": {

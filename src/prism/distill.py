@@ -62,6 +62,13 @@ def topk_kl(
     return (kl * m).sum() / m.sum().clamp(min=1) * (t * t)
 
 
+def answer_nll(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the distilled answer's own tokens: student_logits (B, L, V),
+    targets (B, L) the token each position predicts, mask (B, L) the response positions."""
+    sel = mask != 0
+    return torch.nn.functional.cross_entropy(student_logits[sel].float(), targets[sel])
+
+
 def _rest(logp: torch.Tensor) -> torch.Tensor:
     """log of the probability mass outside the given tokens."""
     covered = logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
@@ -142,6 +149,8 @@ class StudentBatch:
     indices: torch.Tensor
     mask: torch.Tensor  # (B, keep): 1 where a position predicts a response token
     lse: torch.Tensor | None  # None: a teacher without its full normaliser (vLLM's); see topk_kl
+    targets: torch.Tensor  # (B, keep): the response token each position predicts
+
     def logits(self, model) -> torch.Tensor:
         dev = next(model.parameters()).device
         return model(input_ids=self.ids.to(dev), attention_mask=self.attn.to(dev),
@@ -151,6 +160,9 @@ class StudentBatch:
         dev = logits.device
         return topk_kl(logits, self.values.to(dev), self.indices.to(dev), self.mask.to(dev), temperature,
                        None if self.lse is None else self.lse.to(dev))
+
+    def answer_nll(self, logits: torch.Tensor) -> torch.Tensor:
+        return answer_nll(logits, self.targets.to(logits.device), self.mask.to(logits.device))
 
 
 def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Tensor], pad_id: int,
@@ -172,7 +184,9 @@ def student_batch(examples: Sequence[DistillExample], cache: dict[str, torch.Ten
         if lse is not None:
             lse[i, span] = cache[f"{e.key}.lse"].float()
         mask[i, span] = 1
-    return StudentBatch(ids, attn, pos, keep, values, indices, mask, lse)
+    # Position j of the kept window predicts the token after it; the last predicts nothing (masked).
+    targets = torch.cat([ids[:, ids.shape[1] - keep + 1 :], torch.zeros((b, 1), dtype=ids.dtype)], dim=1)
+    return StudentBatch(ids, attn, pos, keep, values, indices, mask, lse, targets.long())
 
 
 # ----- LoRA ----------------------------------------------------------------------------------

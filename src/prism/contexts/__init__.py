@@ -55,7 +55,21 @@ class Fact:
 
     @property
     def words(self) -> set[str]:
-        return {w for w in re.findall(r"[a-z0-9]+", self.key.lower()) if w not in _STOP}
+        return key_words(self.key)
+
+
+def key_words(text: str) -> set[str]:
+    """The content words of a text, singular ("allergies" -> "allergy", "colours" -> "colour")."""
+    out = set()
+    for w in re.findall(r"[a-z0-9]+", text.lower()):
+        if w in _STOP:
+            continue
+        if len(w) > 4 and w.endswith("ies"):
+            w = w[:-3] + "y"
+        elif len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+            w = w[:-1]
+        out.add(w)
+    return out
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,7 @@ class Context:
 
     def fact_for(self, query: str) -> Fact | None:
         """The fact a question asks about: the one whose key words it names most (None if none)."""
-        words = set(re.findall(r"[a-z0-9]+", query.lower()))
+        words = key_words(query)
         scored = [(len(f.words & words) / max(1, len(f.words)), len(f.words & words), i) for i, f in enumerate(self.facts)]
         best = max(scored, default=(0, 0, -1))
         return self.facts[best[2]] if best[1] > 0 else None

@@ -129,14 +129,22 @@ def first_layer_output(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return captured["h"]
 
 
+POOLINGS = ("mean", "last", "query", "max")
+USER_WORDS = ("query", "max")  # poolings over the user's own words, not the chat template
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Mean over the prompt's real tokens, or the state of its last token (left padding)."""
+    """Mean over the positions `mask` marks (all real tokens for "mean", the user's own words for
+    "query"), their elementwise maximum ("max": one telling word, such as a product's name, is not
+    averaged away), or the state of the last token (left padding)."""
     if pooling == "last":
         return hidden[:, -1, :]
-    if pooling == "mean":
+    if pooling in ("mean", "query"):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    raise ValueError(f"unknown pooling {pooling!r}; choose mean or last")
+    if pooling == "max":
+        return hidden.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(1)
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
 def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

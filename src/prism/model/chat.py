@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from prism.model.batching import (cache_kwarg, chunked_logits, first_layer_output, hidden_states, output_cache, pad,
-                                  pool, positions, shared_prefixes)
+from prism.model.batching import (USER_WORDS, cache_kwarg, chunked_logits, first_layer_output, hidden_states,
+                                  output_cache, pad, pool, positions, shared_prefixes)
 
 Placement = str  # "system" or "user" (prism.config.Placement)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -101,6 +101,7 @@ class ChatModel:
         self.stop_ids = sorted({t for t in [tokenizer.eos_token_id, self.end_of_turn_id, *gen_eos] if t is not None})
         self.tokens_generated = 0
         self._placement_warned = False
+        self._template_edges: tuple[list[int], list[int]] | None = None  # see query_span
 
     @property
     def work_chunk(self) -> int:
@@ -377,16 +378,35 @@ class ChatModel:
 
     @torch.inference_mode()
     def layer1_states(self, prompts: Sequence[str], pooling: str = "mean", progress=None) -> torch.Tensor:
-        """The hidden state after the first decoder layer, pooled over each prompt (mean) or at
-        its last token: (n_prompts, hidden). Only layer 0 runs: the forward pass stops there."""
+        """The hidden state after the first decoder layer, pooled (prism.model.batching.pool) over
+        each prompt (mean), over the user's own words in it (query, max: without the chat
+        template's system prompt and role tags, which are the same for every prompt) or at its
+        last token: (n_prompts, hidden). Only layer 0 runs: the forward pass stops there."""
         rows = []
         for start in range(0, len(prompts), self.batch_size):
-            ids, mask = self.encode(prompts[start : start + self.batch_size])
+            part = prompts[start : start + self.batch_size]
+            ids, mask = self.encode(part)
             hidden = first_layer_output(self.model, ids, mask)
+            if pooling in USER_WORDS:
+                mask = pad([self.query_span(p) for p in part], 0)[0].to(mask.device)
             rows.append(pool(hidden, mask, pooling).float().cpu())
             if progress is not None:
                 progress.update(ids.shape[0])
         return torch.cat(rows) if rows else torch.empty(0)
+
+    def query_span(self, prompt: str) -> list[int]:
+        """Per token of a one-turn prompt: 1 for the user's words, 0 for the template around them.
+        A prompt the template did not make (another shape, or tokens merged across the edge)
+        counts every token."""
+        ids = self.token_ids(prompt)
+        if self._template_edges is None:
+            before, _, after = self.user_prompt("\x00").partition("\x00")
+            self._template_edges = (self.token_ids(before), self.token_ids(after))
+        before, after = self._template_edges
+        n = len(ids) - len(before) - len(after)
+        if n < 1 or ids[: len(before)] != before or ids[len(ids) - len(after) :] != after:
+            return [1] * len(ids)
+        return [0] * len(before) + [1] * n + [0] * len(after)
 
     def variant_ids(self, text: str, required: bool = False) -> list[int]:
         """Single tokens that spell `text` as a next token: alone, after a space, or after other

@@ -201,6 +201,8 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
                 with accelerator.autocast():
                     logits = batch.logits(peft_model)
                 loss = batch.kl(logits, temp)
+                if cfg.answer_weight:
+                    loss = loss + cfg.answer_weight * batch.answer_nll(logits)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)

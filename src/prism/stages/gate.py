@@ -7,7 +7,8 @@ stage 3 measured for that class's context on the query (0 where none was measure
 `gate.switch_cost` (`gate.unserved_cost` for a context of scope `own` on a query it does not
 serve); base is 0. Training labels are the verdicts (the class whose context won, else
 base) or the source (the class of the context that wrote the query; general queries: base). With
-`pooling: auto` both poolings are tried and the one with the better cross-validated utility kept.
+`pooling: auto` every pooling (prism.model.batching.POOLINGS) is tried and the one with the best
+cross-validated utility kept.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from prism.gate import BASE, Gate, fit_gate, gate_summary
 from prism.io import read_jsonl
+from prism.model.batching import POOLINGS
 from prism.records import GENERAL, SHARED, QueryRecord, VerdictRecord
 from prism.stages.context import StageContext
 
@@ -66,7 +68,7 @@ def run_gate(ctx: StageContext) -> dict:
     queries, labels, utility, classes = gate_data(ctx)
     class_of = route_classes(ctx)[1]
     prompts = [ctx.model.user_prompt(q.text) for q in queries]
-    poolings = ["mean", "last"] if cfg.pooling == "auto" else [cfg.pooling]
+    poolings = list(POOLINGS) if cfg.pooling == "auto" else [cfg.pooling]
     candidates: dict[str, Gate] = {}
     for pooling in poolings:
         bar = ctx.progress(total=len(prompts), desc=f"stage 4/5 gate features ({pooling})")

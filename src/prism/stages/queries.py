@@ -6,7 +6,8 @@ paper's prompt); any other context for a question about each of its fact keys in
 `queries` hint, e.g. "a question that I might ask you about my {key}"), with the start of the
 question written into the reply (an opener such as "What is my"): measured on the embedded model,
 that keeps 50-70% of the questions on the named key, against 10-25% without. Candidates are sampled in batches,
-cleaned (first real line, no numbering or quotes), filtered (too short), deduplicated on
+cleaned (first real line, no numbering or quotes), filtered (too short; for a context with facts,
+naming none of its fact keys), deduplicated on
 normalised text across all sources, and topped up until each has N or the round budget is spent.
 """
 
@@ -89,16 +90,17 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def accept(candidates: list[str], seen: set[str], min_chars: int, need: int) -> list[tuple[int, str]]:
+def accept(candidates: list[str], seen: set[str], min_chars: int, need: int,
+           on_target=None) -> list[tuple[int, str]]:
     """Clean, filter and deduplicate candidates, keeping at most `need` as (index, text);
-    updates `seen`."""
+    updates `seen`. `on_target(text)`, if given, must also hold."""
     kept = []
     for i, raw in enumerate(candidates):
         if len(kept) >= need:
             break
         text = clean_query(raw)
         key = normalise(text)
-        if len(text) < min_chars or not key or key in seen:
+        if len(text) < min_chars or not key or key in seen or (on_target is not None and not on_target(text)):
             continue
         seen.add(key)
         kept.append((i, text))
@@ -132,6 +134,16 @@ def query_prompts(ctx: StageContext, source: Context | None, k: int, offset: int
     return out
 
 
+def on_target(source: Context | None):
+    """For a context with facts, a query must name one of its fact keys (Context.fact_for):
+    measured on the embedded model, a quarter of a memory's self-written questions named none
+    ("Where is Mount Etna?"), and as the memory's examples they taught the gate that any short
+    question is about the user. None (no check) for personas, fact-less contexts and general queries."""
+    if source is None or source.kind == "persona" or not source.facts:
+        return None
+    return lambda text: source.fact_for(text) is not None
+
+
 def join(opener: str, continuation: str) -> str:
     """The opener and the model's continuation of it (which generation returns stripped)."""
     if not opener:
@@ -159,8 +171,9 @@ def run_queries(ctx: StageContext) -> dict:
             break
         prompts, owners, openers = [], [], []
         for name, src, n in needy:
-            # Oversample: some candidates are dropped by cleaning and dedup.
-            k = n - have[name] + 1 + round_no
+            # Oversample: some candidates are dropped by cleaning and dedup (and about half of a
+            # facts context's by the on-target check).
+            k = (n - have[name]) * (2 if on_target(src) else 1) + 1 + round_no
             pairs = query_prompts(ctx, src, k, have[name] + round_no * 7)
             prompts += [p for p, _ in pairs]
             openers += [o for _, o in pairs]
@@ -168,9 +181,9 @@ def run_queries(ctx: StageContext) -> dict:
         seed = ctx.config.seed * 100_003 + (len(rows) * 101 + round_no) * 10_000  # disjoint per round
         gens = ctx.model.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed)
         new_rows = []
-        for name, _, n in needy:
+        for name, src, n in needy:
             mine = [(join(op, g.text), g) for g, o, op in zip(gens, owners, openers) if o == name]
-            for i, text in accept([t for t, _ in mine], seen, cfg.min_chars, n - have[name]):
+            for i, text in accept([t for t, _ in mine], seen, cfg.min_chars, n - have[name], on_target(src)):
                 have[name] += 1
                 prefix = "general" if name == GENERAL else name
                 new_rows.append(QueryRecord(id=f"{prefix}-{have[name]:04d}", persona=name, text=text,
