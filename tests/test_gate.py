@@ -154,3 +154,12 @@ def test_a_binary_gate_of_the_old_format_loads_with_the_same_decisions(tmp_path)
     raw.update(constant=0.8)
     (d / "gate_config.json").write_text(json.dumps(raw))
     assert Gate.load(d).decide(x)[0].tolist() == [1] * 50
+
+
+def test_max_pooling_ignores_padding_and_gives_zeros_for_an_empty_row():
+    from prism.model.batching import pool
+
+    hidden = torch.tensor([[[9.0, 9.0], [1.0, -2.0], [3.0, -1.0]], [[5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]])
+    mask = torch.tensor([[0, 1, 1], [0, 0, 0]])  # row 0 left-padded; row 1 has nothing to pool
+    assert pool(hidden, mask, "max").tolist() == [[3.0, -1.0], [0.0, 0.0]]
+    assert pool(hidden, mask, "query").tolist() == [[2.0, -1.5], [0.0, 0.0]]

@@ -188,7 +188,8 @@ def test_query_pooling_reads_the_users_words_only(embedded):
         span = embedded.query_span(p)
         ids = embedded.token_ids(p)
         assert 0 in span and embedded.tokenizer.decode([t for t, s in zip(ids, span) if s]) == q
-    assert set(embedded.query_span("plain text, no template")) == {1}  # not the template's: every token
+    with pytest.warns(UserWarning, match="pool over every token"):
+        assert set(embedded.query_span("plain text, no template")) == {1}  # not the template's: every token
     # Batched and left-padded, each row is the mean of that prompt's own user tokens.
     means, maxima = (embedded.layer1_states(prompts, pooling=p) for p in ("query", "max"))
     with torch.no_grad():

@@ -50,7 +50,8 @@ def test_a_facts_context_keeps_only_queries_that_name_one_of_its_keys():
            "Who wrote Hamlet?", "Which city do I live in?"]
     assert [t for _, t in accept(raw, set(), 5, 10, keep)] == [
         "What's my dog's name?", "Tell me my allergies.", "Which colours do I like?", "Which city do I live in?"]
-    assert memory.fact_for("Tell me my allergies.").key == "allergy"  # plural key words count
+    assert memory.fact_for("Tell me my allergies.").key == "allergy"  # plurals name their singular key
+    assert memory.fact_for("What are my dogs called?").key == "dog"
     # Personas, general queries and contexts without facts are not filtered.
     assert on_target(None) is None and on_target(reg.get("writing")) is None
 

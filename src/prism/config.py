@@ -211,7 +211,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # suite, `prism eval RUN --suite contexts`), one adapter each behind a 4-way gate that also sees
     # general queries. Checks are programs (the answer states the fact), so no model judge runs.
     # Measured with Maya's memory alone (README, "The context suite"): facts reach the weights only
-    # with many questions per fact (32 per context: 2.5% held-out recall; 160: 20%), the best of 6
+    # with many questions per fact (48 per context: 2.5% held-out recall; 160: 20%), the best of 6
     # checked answers and the answer term (20% -> 52.5%, the prompted model: 40%); the gate needs
     # many general questions to say "base" to short quiz questions.
     "contexts": {

@@ -2,7 +2,9 @@
 
 Teacher: the base model WITH the persona in context. Student: base model + LoRA WITHOUT it.
 Loss: KL(teacher || student) on the response tokens, against the teacher's top-k logits at
-temperature T, scaled by T^2. Teacher logits are computed once and cached as safetensors.
+temperature T, scaled by T^2; with `distill.answer_weight` also that weight times the
+cross-entropy of the response tokens themselves (answers a program check picked, for contexts
+with one). Teacher logits are computed once and cached as safetensors.
 The LoRA skips decoder layer 0, so the gate's input (layer 0's output) does not depend on it.
 """
 

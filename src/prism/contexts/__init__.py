@@ -55,21 +55,20 @@ class Fact:
 
     @property
     def words(self) -> set[str]:
-        return key_words(self.key)
+        return {w for w in re.findall(r"[a-z0-9]+", self.key.lower()) if w not in _STOP}
 
 
-def key_words(text: str) -> set[str]:
-    """The content words of a text, singular ("allergies" -> "allergy", "colours" -> "colour")."""
-    out = set()
-    for w in re.findall(r"[a-z0-9]+", text.lower()):
-        if w in _STOP:
-            continue
-        if len(w) > 4 and w.endswith("ies"):
-            w = w[:-3] + "y"
-        elif len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-            w = w[:-1]
-        out.add(w)
-    return out
+def word_forms(word: str) -> set[str]:
+    """A word and the singulars it may be the plural of: "allergies" -> allergy, allergie;
+    "movies" -> movie; "colours" -> colour; "dishes" -> dish, dishe."""
+    forms = {word}
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        forms.add(word[:-1])
+        if len(word) > 4 and word.endswith("es"):
+            forms.add(word[:-2])
+        if len(word) > 4 and word.endswith("ies"):
+            forms.add(word[:-3] + "y")
+    return forms
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,9 @@ class Context:
 
     def fact_for(self, query: str) -> Fact | None:
         """The fact a question asks about: the one whose key words it names most (None if none)."""
-        words = key_words(query)
-        scored = [(len(f.words & words) / max(1, len(f.words)), len(f.words & words), i) for i, f in enumerate(self.facts)]
+        said = {form for w in re.findall(r"[a-z0-9]+", query.lower()) for form in word_forms(w)}
+        named = [sum(bool(word_forms(w) & said) for w in f.words) for f in self.facts]
+        scored = [(n / max(1, len(f.words)), n, i) for i, (n, f) in enumerate(zip(named, self.facts))]
         best = max(scored, default=(0, 0, -1))
         return self.facts[best[2]] if best[1] > 0 else None
 

@@ -143,7 +143,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     if pooling == "max":
-        return hidden.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(1)
+        top = hidden.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(1)
+        return top.masked_fill(~mask.bool().any(1, keepdim=True), 0.0)  # an empty row: zeros, as mean gives
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 

@@ -102,6 +102,7 @@ class ChatModel:
         self.tokens_generated = 0
         self._placement_warned = False
         self._template_edges: tuple[list[int], list[int]] | None = None  # see query_span
+        self._span_warned = False
 
     @property
     def work_chunk(self) -> int:
@@ -399,14 +400,20 @@ class ChatModel:
         A prompt the template did not make (another shape, or tokens merged across the edge)
         counts every token."""
         ids = self.token_ids(prompt)
-        if self._template_edges is None:
-            before, _, after = self.user_prompt("\x00").partition("\x00")
-            self._template_edges = (self.token_ids(before), self.token_ids(after))
-        before, after = self._template_edges
-        n = len(ids) - len(before) - len(after)
-        if n < 1 or ids[: len(before)] != before or ids[len(ids) - len(after) :] != after:
-            return [1] * len(ids)
-        return [0] * len(before) + [1] * n + [0] * len(after)
+        for fresh in (False, True):  # a template may change (one that writes today's date): render it again once
+            if fresh or self._template_edges is None:
+                before, _, after = self.user_prompt("\x00").partition("\x00")
+                self._template_edges = (self.token_ids(before), self.token_ids(after))
+            before, after = self._template_edges
+            n = len(ids) - len(before) - len(after)
+            if n >= 1 and ids[: len(before)] == before and ids[len(ids) - len(after) :] == after:
+                return [0] * len(before) + [1] * n + [0] * len(after)
+        if not self._span_warned:
+            self._span_warned = True
+            warnings.warn(f"{self.name}: a routing prompt does not start and end as the chat template's user turn "
+                          "does (a raw prompt, or a template that merges the user's first token into its own); its "
+                          "gate features pool over every token", stacklevel=2)
+        return [1] * len(ids)
 
     def variant_ids(self, text: str, required: bool = False) -> list[int]:
         """Single tokens that spell `text` as a next token: alone, after a space, or after other

@@ -227,5 +227,7 @@ def _train(ctx, accelerator, peft_model, examples, cache, pad_id, out, get_state
     losses = read_jsonl(losses_path)
     facts = {"examples": len(examples), "trained": True, "kl_initial": round(kl_initial, 5),
              "kl_final": round(kl_final, 5), "epochs": cfg.epochs, "steps": step,
+             # what the epoch losses measure: the KL alone, or KL + answer_weight x the answer term
+             "loss": f"kl + {cfg.answer_weight:g} x answer" if cfg.answer_weight else "kl",
              "epoch_losses": [r["loss"] for r in losses]}
     return facts
