@@ -83,6 +83,9 @@ def test_routes_name_the_adapter_its_probability_and_the_runner_up(routed):
         assert r.rule in ("gate", "constant", "needs a context name")
         # Two memories share the class: without a name the request cannot be served by one of them.
         assert r.adapter != "memory_ben" and (r.adapter != "memory_maya" or r.rule == "gate")
+        # The route names the class the gate chose, also when no adapter of it could serve.
+        assert r.gate_class == ("memory" if r.rule == "needs a context name" else
+                                routed.class_of(r.adapter) if r.adapter else "base")
     named = routed.route([[{"role": "user", "content": q}] for q in questions], ["memory_ben"] * 3)
     assert all(r.adapter in (None, "memory_ben") for r in named)  # memory-or-base within the named memory
     forced = routed.chat([{"role": "user", "content": questions[1]}], max_new_tokens=4, adapter="zorblax")

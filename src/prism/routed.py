@@ -37,7 +37,8 @@ class Route:
     probability: float | None = None  # the gate's probability of the chosen class (None: forced)
     runner_up: str | None = None  # the next most likely class, and its probability
     runner_up_probability: float | None = None
-    rule: str = "gate"  # gate | constant (the gate did not beat a constant rule) | forced
+    rule: str = "gate"  # gate | constant (the gate did not beat a constant rule) | forced | needs a context name
+    gate_class: str | None = None  # the class the gate chose (None: forced); several contexts may share it
 
     @property
     def forced(self) -> bool:
@@ -231,7 +232,8 @@ class PrismModel:
             adapter = None if c == 0 else contexts[i] if contexts[i] in members else members[0] if len(members) == 1 else None
             if c != 0 and adapter is None:
                 rule = "needs a context name"  # several contexts share this class: the request must choose
-            out.append(Route(adapter, round(float(p[c]), 4), spec.classes[runner], round(float(p[runner]), 4), rule))
+            out.append(Route(adapter, round(float(p[c]), 4), spec.classes[runner], round(float(p[runner]), 4), rule,
+                             cls_))
         return out
 
     # ----- chat ------------------------------------------------------------------------------

@@ -109,9 +109,9 @@ class ContextSuite:
         return [Cell(it, None, "system", r) for it, r in zip(self.items, routes)]
 
     def _class(self, route) -> str:
-        if route.adapter is not None:
-            return self.prism.class_of(route.adapter)
-        return route.runner_up if route.rule == "needs a context name" else BASE
+        """The gate class a question went to (a class of several contexts with no name given: that
+        class, though the base model answers)."""
+        return route.gate_class or (self.prism.class_of(route.adapter) if route.adapter is not None else BASE)
 
     # ----- scoring ------------------------------------------------------------------------------
     def run(self) -> dict:
