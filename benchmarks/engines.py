@@ -2,7 +2,7 @@
 (in-process llama.cpp through xllamacpp) and vllm (vLLM's server as a child process, where it
 imports: PRISM_VLLM_PYTHON); the gate stays in torch.
 
-    python benchmarks/engines.py [--run-dir RUN] [--max-tokens 128] [--clients 16] [--no-vllm]
+    python benchmarks/engines.py [--run-dir RUN] [--max-tokens 128] [--clients 16] [--no-vllm] [--engine-torch-threads N]
 
 Without --run-dir a micro run is built once in runs/serve-bench (about a minute; reused after).
 Phases, each engine in turn (llama.cpp first, then vLLM, then torch):
@@ -50,15 +50,19 @@ def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     out = {}
     for model in ("prism-base", adapter_id, "prism"):
-        tokens, seconds = 0, 0.0
+        # untimed: the first request of a model id warms what it touches (a server's first decode)
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8)
+        tokens, seconds, routes = 0, 0.0, []
         for i in range(repeats):
             msgs = [{"role": "user", "content": LONG[i % len(LONG)]}]
             t0 = time.perf_counter()
             r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
             seconds += time.perf_counter() - t0
             tokens += r.usage.completion_tokens
+            routes.append((getattr(r, "model_extra", None) or {}).get("prism", {}).get("route"))
         out["prism-adapter" if model == adapter_id else model] = {
-            "model": model, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+            "model": model, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "routes": routes}
 
     async def burst():
         aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -116,13 +120,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="one-client requests per model id")
     ap.add_argument("--out", help="JSON results (default benchmarks/results/engines.json)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vllm engine")
+    ap.add_argument("--engine-torch-threads", type=int,
+                    help="torch threads during the llama.cpp phase (default: ENGINE_TORCH_THREADS, as prism serve)")
     args = ap.parse_args()
+
+    import torch
 
     from prism.config import load_config
     from prism.model.llamacpp import LlamaCppEngine, embedded_float_gguf
     from prism.model.loading import embedded_gguf_path
     from prism.pipeline import run_pipeline
-    from prism.routed import PrismModel
+    from prism.routed import ENGINE_TORCH_THREADS, PrismModel
     from prism.serve.app import ServeOptions, create_app
     from prism.serve.router import RouterOptions, create_engine_app
     from prism.serve.server import BackgroundServer
@@ -133,9 +141,13 @@ def main() -> int:
     data = {"machine": machine(), "command": command(), "run_dir": str(run_dir), "max_tokens": args.max_tokens}
 
     # ----- llama.cpp -------------------------------------------------------------------------------
-    # llama.cpp first: run after the torch phase in the same process, its serving lost about a third.
+    # llama.cpp first, with torch on one thread as `prism serve` runs it (ENGINE_TORCH_THREADS):
+    # with torch's own team of threads in the process, llama.cpp's serving lost a third or more.
+    torch_threads = torch.get_num_threads()
     with RssSampler() as rss:
-        engine_model = PrismModel.load_on_engine(run_dir, slots=max(args.clients, 16))
+        engine_model = PrismModel.load_on_engine(run_dir, slots=max(args.clients, 16),
+                                                 torch_threads=args.engine_torch_threads or ENGINE_TORCH_THREADS)
+        data["engine_torch_threads"] = torch.get_num_threads()
         adapter_id = f"prism-{engine_model.adapters[0]}"  # forced on: the first adapter
         prompts = [engine_model.model.user_prompt(q) for q in (SHORT * 2)]
         convs = [[{"role": "user", "content": q}] for q in SHORT]
@@ -198,6 +210,7 @@ def main() -> int:
     gc.collect()
 
     # ----- torch ---------------------------------------------------------------------------------
+    torch.set_num_threads(torch_threads)
     with RssSampler() as rss:
         torch_model = PrismModel.load(run_dir)
         app = create_app(torch_model, ServeOptions(max_batch=args.clients, max_queue=128))

@@ -36,6 +36,7 @@ class ServeOptions(P.HttpOptions):
 
 def create_app(prism: PrismModel, options: ServeOptions | None = None) -> FastAPI:
     opts = options or ServeOptions()
+    prism.warm_up()
     batcher = Batcher(prism, opts.max_batch, opts.max_queue, opts.batch_wait)
     context = P.context_length(opts, prism.model)
     created = int(time.time())

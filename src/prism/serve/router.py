@@ -75,6 +75,7 @@ def create_router_app(prism, options: RouterOptions) -> FastAPI:
     With a llama.cpp engine attached (PrismModel.load_on_engine) the upstream is that engine's
     in-process server and a route is sent as LoRA scales (`lora`) instead of a model name."""
     opts = options
+    prism.warm_up()
     base_url = v1_url(opts.upstream)
     context = P.context_length(opts, prism.model)
     created = int(time.time())
