@@ -105,13 +105,9 @@ class ContextSuite:
         else:  # prism: a user's question names its context within a shared class
             named = [o if o and len(self.prism.members[self.prism.class_of(o)]) > 1 else None for o in own]
             found = self.prism.route([[{"role": "user", "content": it.turns[0]}] for it in self.items], named)
-            routes = [{"adapter": r.adapter, "score": r.probability, "class": self._class(r)} for r in found]
+            # the class the gate chose: for a class of several contexts and no name, that class (the base model answers)
+            routes = [{"adapter": r.adapter, "score": r.probability, "class": r.gate_class} for r in found]
         return [Cell(it, None, "system", r) for it, r in zip(self.items, routes)]
-
-    def _class(self, route) -> str:
-        """The gate class a question went to (a class of several contexts with no name given: that
-        class, though the base model answers)."""
-        return route.gate_class or (self.prism.class_of(route.adapter) if route.adapter is not None else BASE)
 
     # ----- scoring ------------------------------------------------------------------------------
     def run(self) -> dict:
