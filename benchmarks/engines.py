@@ -5,10 +5,12 @@ imports: PRISM_VLLM_PYTHON); the gate stays in torch.
     python benchmarks/engines.py [--run-dir RUN] [--max-tokens 128] [--clients 16] [--no-vllm] [--engine-torch-threads N]
 
 Without --run-dir a micro run is built once in runs/serve-bench (about a minute; reused after).
-Phases, each engine in turn (llama.cpp first, then vLLM, then torch):
+Phases, each engine in turn (llama.cpp first, then vLLM, then torch in float32, the reference, and
+serving again in bfloat16 as `prism serve --engine torch` does where the CPU has bf16 units):
   serve, one client   `prism serve` on loopback, the `openai` client, one request at a time,
                       `prism-base` (adapter off), `prism-adapter` (on) and `prism` (the gate decides)
-  serve, N clients    N clients at once, 2 requests each, through the same server
+  serve, N clients    N clients at once, 2 requests each, through the same server: all on
+                      `prism-base`, then all on `prism` (routes recorded)
   bulk                32 prompts x max-tokens sampled at once (stages 1-3 and eval work): torch
                       float32 and bfloat16 batches, llama.cpp on the float16 and the Q4_1 GGUF
   agreement           greedy replies of each engine against torch's on 16 prompts, adapter off and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import statistics
 import sys
@@ -64,9 +67,9 @@ def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_
             "model": model, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "routes": routes}
 
-    async def burst():
+    async def burst(model: str):
         aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        errors = 0
+        errors, routes = 0, []
 
         async def one(i):
             nonlocal errors
@@ -74,9 +77,10 @@ def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_
             for k in range(2):
                 msgs = [{"role": "user", "content": LONG[(i + k) % len(LONG)] + f" (version {i})"}]
                 try:
-                    r = await aclient.chat.completions.create(model="prism", messages=msgs, max_tokens=max_tokens,
+                    r = await aclient.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens,
                                                               temperature=0.7, seed=i * 10 + k)
                     done += r.usage.completion_tokens
+                    routes.append((getattr(r, "model_extra", None) or {}).get("prism", {}).get("route"))
                 except openai.OpenAIError:
                     errors += 1
             return done
@@ -84,13 +88,17 @@ def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_
         try:
             t0 = time.perf_counter()
             counts = await asyncio.gather(*(one(i) for i in range(clients)))
-            return sum(counts), time.perf_counter() - t0, errors
+            return sum(counts), time.perf_counter() - t0, errors, routes
         finally:
             await aclient.close()
 
-    tokens, seconds, errors = asyncio.run(burst())
-    out["concurrent"] = {"clients": clients, "requests": 2 * clients, "tokens": tokens, "seconds": round(seconds, 2),
-                         "tokens_per_s": round(tokens / seconds, 1), "errors": errors}
+    # N clients at once: all on the base model, then routed by the gate (a mix of routes costs an
+    # engine one forward pass per route and step: an adapter is a switch on the whole model)
+    for key, model in (("concurrent_base", "prism-base"), ("concurrent", "prism")):
+        tokens, seconds, errors, routes = asyncio.run(burst(model))
+        out[key] = {"model": model, "clients": clients, "requests": 2 * clients, "tokens": tokens,
+                    "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "errors": errors,
+                    "routes": dict(collections.Counter(routes))}
     return out
 
 
@@ -132,6 +140,7 @@ def main() -> int:
     from prism.pipeline import run_pipeline
     from prism.routed import ENGINE_TORCH_THREADS, PrismModel
     from prism.serve.app import ServeOptions, create_app
+    from prism.serve.server import serving_dtype
     from prism.serve.router import RouterOptions, create_engine_app
     from prism.serve.server import BackgroundServer
 
@@ -163,11 +172,13 @@ def main() -> int:
         got = {on: [r.text for r in engine_model.chat_batch(convs, 64, adapter=on)] for on in on_off}
         engine_routes = [r.name for r in engine_model.route([[{"role": "user", "content": p}] for p in route_prompts])]
     data["llamacpp_peak_rss_mb"] = round(rss.peak)
+    del engine_model, app  # one llama.cpp server at a time: a second one's threads slow the first
+    gc.collect()
     q4 = LlamaCppEngine(embedded_gguf_path(), slots=32)
     data["bulk_llamacpp_q4_1"] = bulk_rate(lambda p, n: q4.generate(p, n, temperature=0.8, seed=1), ids,
                                            args.max_tokens)
     q4_greedy = [g.text for g in q4.generate(ids[: len(SHORT)], 64)]
-    del q4, engine_model, app
+    del q4
     gc.collect()
     data["gguf"] = str(embedded_float_gguf())
 
@@ -228,6 +239,20 @@ def main() -> int:
         torch_routes = [r.name for r in torch_model.route([[{"role": "user", "content": p}] for p in route_prompts])]
         tok = chat.token_ids
     data["torch_peak_rss_mb"] = round(rss.peak)
+    # the torch engine as `prism serve --engine torch` runs it here: bfloat16 weights (serving_dtype)
+    del torch_model, app, chat
+    gc.collect()
+    with RssSampler() as rss:
+        bf16_model = PrismModel.load(run_dir, **serving_dtype(str(run_dir), "auto"))
+        data["torch_bf16_dtype"] = str(bf16_model.model.model.dtype)
+        app = create_app(bf16_model, ServeOptions(max_batch=args.clients, max_queue=128))
+        with BackgroundServer(app) as server:
+            data["torch_bf16_serve"] = serve_phases(server.url, args.max_tokens, args.clients, args.repeats,
+                                                   adapter_id)
+        bf16_routes = [r.name for r in bf16_model.route([[{"role": "user", "content": p}] for p in route_prompts])]
+    data["torch_bf16_peak_rss_mb"] = round(rss.peak)
+    del bf16_model, app
+    gc.collect()
 
     # ----- agreement ---------------------------------------------------------------------------
     agreement = {}
@@ -245,23 +270,26 @@ def main() -> int:
         agreement["vllm_routes_equal"] = sum(a == b for a, b in zip(torch_routes, vllm_routes))
         agreement["vllm_routes"] = len(vllm_routes)
     agreement["routes_equal"] = sum(a == b for a, b in zip(torch_routes, engine_routes))
+    agreement["torch_bf16_routes_equal"] = sum(a == b for a, b in zip(torch_routes, bf16_routes))
     agreement["routes"] = len(route_prompts)
     agreement["route_counts"] = {r: torch_routes.count(r) for r in sorted(set(torch_routes))}
     data["agreement"] = agreement
 
     # ----- table -----------------------------------------------------------------------------------
     rows = []
-    engines = ("torch", "llamacpp") + (("vllm",) if vllm_problem is None else ())
+    engines = ("torch", "torch_bf16", "llamacpp") + (("vllm",) if vllm_problem is None else ())
     data["vllm_peak_rss_mb"] = "child processes"  # vLLM runs outside this process
     for eng in engines:
         s = data[f"{eng}_serve"]
         base_spt = s["prism-base"]["seconds"] / s["prism-base"]["tokens"]
         routed_spt = s["prism"]["seconds"] / s["prism"]["tokens"]
         rows.append([eng, s["prism-base"]["tokens_per_s"], s["prism-adapter"]["tokens_per_s"],
-                     s["prism"]["tokens_per_s"], round(routed_spt / base_spt, 3), s["concurrent"]["tokens_per_s"],
-                     s["concurrent"]["errors"], data[f"{eng}_peak_rss_mb"]])
+                     s["prism"]["tokens_per_s"], round(routed_spt / base_spt, 3), s["concurrent_base"]["tokens_per_s"],
+                     s["concurrent"]["tokens_per_s"], s["concurrent_base"]["errors"] + s["concurrent"]["errors"],
+                     data[f"{eng}_peak_rss_mb"]])
     text = table(["engine", "1 client base tok/s", f"1 client adapter tok/s ({on_off[1]})", "1 client routed tok/s",
-                  "routed / base time per token", f"{args.clients} clients tok/s", "errors", "peak RSS MB"], rows,
+                  "routed / base time per token", f"{args.clients} clients base tok/s",
+                  f"{args.clients} clients routed tok/s", "errors", "peak RSS MB"], rows,
                  title=f"prism serve, {args.max_tokens}-token replies")
     bulk = [["torch float32 (batch 32)", data["bulk_torch_float32"]["tokens_per_s"]],
             ["torch bfloat16 (batch 32)", data["bulk_torch_bfloat16"]["tokens_per_s"]],
@@ -275,7 +303,8 @@ def main() -> int:
           if isinstance(v, dict) and "of" in v]
     text += "\n\n" + table(["greedy, against torch", "token agreement", "identical replies"], ag,
                            title="agreement (64-token greedy replies)")
-    text += f"\n\nroutes equal: {agreement['routes_equal']}/{agreement['routes']} ({agreement['route_counts']})"
+    text += (f"\n\nroutes equal: {agreement['routes_equal']}/{agreement['routes']} ({agreement['route_counts']}); "
+             f"torch bfloat16 against float32: {agreement['torch_bf16_routes_equal']}/{agreement['routes']}")
     if vllm_problem is None:
         text += (f"; vLLM router: {agreement['vllm_routes_equal']}/{agreement['vllm_routes']}; vLLM start-up "
                  f"{data['vllm_startup_s']} s")

@@ -29,7 +29,7 @@ def local(run_dir):
     from prism.serve.router import RouterOptions, create_engine_app
 
     # torch keeps its threads: the tests after this module run torch work (serving speed is not tested)
-    prism = PrismModel.load_on_engine(run_dir, slots=8, context=8192, torch_threads=None)
+    prism = PrismModel.load_on_engine(run_dir, slots=8, context=CONTEXT, torch_threads=None)
     app = create_engine_app(prism, RouterOptions(api_key=KEY, context_length=CONTEXT, max_tokens_limit=256,
                                                  max_body_bytes=200_000))
     with BackgroundServer(app) as server:

@@ -217,6 +217,33 @@ def test_a_burst_of_32_mixed_requests_gets_what_each_gets_alone(local, client, r
     assert after["batches"] - before["batches"] <= 8 and after["largest_batch"] == 16  # really batched
 
 
+def test_a_request_joins_a_running_batch_and_leaves_first(local, client):
+    """Continuous batching: a short request sent while a long reply is being decoded starts at the
+    next step and is answered long before the long one ends (a static batch would make it wait for
+    the whole long reply); the long reply is what it is alone."""
+    long_body = dict(model="prism-base", messages=[{"role": "user", "content": TO_BASE[0]}], max_tokens=120,
+                     temperature=1.0, seed=5)
+    t0 = time.perf_counter()
+    alone = client.chat.completions.create(**long_body)
+    long_seconds = time.perf_counter() - t0
+    assert alone.usage.completion_tokens == 120
+    before = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    parts = []
+    with client.chat.completions.create(**long_body, stream=True) as stream:
+        for chunk in stream:
+            parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if len(parts) == 8:  # the long reply is under way: a short request joins it
+                t0 = time.perf_counter()
+                short = client.chat.completions.create(model="prism-base", max_tokens=3, temperature=0,
+                                                       messages=[{"role": "user", "content": TO_BASE[1]}])
+                short_seconds = time.perf_counter() - t0
+                assert short.usage.completion_tokens == 3
+    after = httpx.get(local.url + "/health", timeout=10).json()["stats"]
+    assert "".join(parts) == alone.choices[0].message.content
+    assert short_seconds < long_seconds / 3, (short_seconds, long_seconds)
+    assert after["errors"] == before["errors"]
+
+
 def _post(url, body, key=KEY, raw=None, headers=None):
     h = {"content-type": "application/json", **(headers or {})}
     if key is not None:
@@ -486,3 +513,22 @@ def test_exported_adapter_is_the_same_function(run_dir, tmp_path):
     assert torch.allclose(la, lb, atol=1e-5)  # zero LoRA on layer 0 == no LoRA on layer 0
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["distill"]["trained"]
     assert not torch.allclose(la, plain, atol=1e-4)  # and the adapter is really there
+
+
+def test_bfloat16_serving_routes_as_float32_does(run_dir):
+    """`prism serve --engine torch` loads bfloat16 weights where the CPU has bf16 units: the gate
+    must decide as it does on the float32 model it was trained on, and the replies must be text."""
+    import torch
+
+    from prism.routed import PrismModel
+    from prism.serve.server import serving_dtype
+
+    assert serving_dtype(str(run_dir), "float32") == {"dtype": "float32"}
+    bf16 = PrismModel.load(run_dir, **serving_dtype(str(run_dir), "bfloat16"))
+    assert bf16.model.model.dtype == torch.bfloat16
+    convs = [[{"role": "user", "content": c}] for c in TO_ADAPTER + TO_BASE]
+    routes = [r.name for r in bf16.route(convs)]
+    assert routes == [r.name for r in PrismModel.load(run_dir).route(convs)]
+    assert {"base"} < set(routes)  # both routes are exercised
+    replies = bf16.chat_batch(convs[:1] + convs[-1:], 12)
+    assert all(r.text.strip() for r in replies)

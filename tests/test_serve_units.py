@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prism.serve import protocol as P
-from prism.serve.decode import Row, Sampling, TextStream, decode_batch, sample
+from prism.serve.decode import DecodeBatch, Row, Sampling, TextStream, decode_batch, sample
 
 
 def test_request_validation_names_the_field():
@@ -131,3 +131,32 @@ def test_decode_batch_seeded_sampling_is_reproducible_across_batches(embedded):
     decode_batch(embedded, _rows(embedded, [prompt], lambda i: Sampling(10, 1.0, 0.9, seed=7), a))
     decode_batch(embedded, _rows(embedded, [other, prompt], lambda i: Sampling(10, 1.0, 0.9, seed=[3, 7][i]), b))
     assert a[0]["text"] == b[1]["text"] and a[0]["text"]
+
+
+@pytest.mark.slow  # the real model
+def test_rows_joining_a_running_batch_decode_as_they_would_alone(embedded):
+    """Continuous batching: rows that join mid-decode (a longer prompt than the running rows' whole
+    history, and a shorter one), and rows that leave early, change nobody's greedy reply."""
+    questions = ["Name three colours of the rainbow, please, in a list.", "Say hi.",
+                 "Explain, in a long and careful answer with many words, what a compiler does and why.",
+                 "What is 2+2?"]
+    prompts = [embedded.user_prompt(q) for q in questions]
+    budget = [16, 3, 12, 8]
+    alone: dict = {}
+    for i, p in enumerate(prompts):
+        one: dict = {}
+        decode_batch(embedded, _rows(embedded, [p], lambda _: Sampling(budget[i], temperature=0), one))
+        alone[i] = one[0]
+    out: dict = {}
+    rows = _rows(embedded, prompts, lambda i: Sampling(budget[i], temperature=0), out)
+    batch = DecodeBatch(embedded)
+    batch.join(rows[:2])
+    for _ in range(5):  # the second row (3 tokens) leaves meanwhile
+        batch.step()
+    assert len(batch) == 1
+    batch.join(rows[2:])  # one prompt longer than the running row's history, one shorter
+    assert len(batch) == 3
+    while batch:
+        batch.step()
+    for i in range(4):
+        assert out[i] == alone[i], questions[i]

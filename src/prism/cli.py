@@ -341,7 +341,7 @@ def cmd_serve(args) -> int:
           upstream_adapter=args.upstream_adapter, upstream_api_key=args.upstream_api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
           context_length=args.context_length, allowed_host=args.allowed_host, engine=args.engine or "auto",
-          gguf=args.gguf, vllm_args=args.vllm_args)
+          gguf=args.gguf, vllm_args=args.vllm_args, dtype=args.serve_dtype)
     return 0
 
 
@@ -392,7 +392,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
         ("--max-batch", {"type": int, "help": "requests decoded together (default 16)"}),
         ("--max-queue", {"type": int, "help": "waiting requests before 503 answers (default 64)"}),
         ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask (default 2048)"}),
-        ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's)"}),
+        ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's; on llamacpp at "
+                                                   "most 4096, as every slot holds that much KV cache from the start)"}),
+        ("--dtype", {"dest": "serve_dtype", "default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
+                     "help": "the torch engine's weights (default auto: bfloat16 where the CPU or GPU has bf16 "
+                             "units, else the run's)"}),
         "--engine", "--gguf", "--vllm-args",
         ("--upstream", {"help": "router mode: gate here, generate on this OpenAI-compatible server"}),
         ("--upstream-base", {"help": "the upstream's base model name (default: the adapter's parent)"}),

@@ -194,10 +194,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (measured on the French-context benchmark: 2e-4 x 4 epochs transferred 20% of the
         # prompted behaviour, 1e-3 x 8 epochs 87%).
         # bf16 autocast: 1.79x faster per step on this Zen 4 CPU, loss within 1.5e-4 of float32
-        # (benchmarks/train_dtype.py). Micro-batches of 2 (x 4 accumulated: the same 8 per step):
-        # a step's activations are the memory peak of the run, and 2 x 300 tokens peak at 2.95 GB
-        # against 4.72 GB for 4, at the same time per example (1.17 s against 1.23 s).
-        "distill": {"epochs": 4, "lr": 1e-3, "batch_size": 2, "grad_accum": 4, "max_seq_len": 384,
+        # (benchmarks/train_dtype.py). Micro-batches of 1 (x 8 accumulated: the same 8 per step):
+        # a step's activations are the memory peak of the run. Whole quick run, /usr/bin/time -v:
+        # peak 2.92 GB with 1 (stage 5 206 s), 3.23 GB with 2 (197 s), 4.27 GB with 4.
+        "distill": {"epochs": 4, "lr": 1e-3, "batch_size": 1, "grad_accum": 8, "max_seq_len": 384,
                     "train_dtype": "bfloat16"},
     },
     # The paper's settings (PRISM_METHOD.md section 2).

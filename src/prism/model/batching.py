@@ -1,5 +1,5 @@
 """Batches of token sequences: the one padding helper (with position ids), the KV-cache keyword
-of the installed transformers, shared-prefix detection for prefix caching, and the gate's input
+of the installed transformers, rows joining and leaving a KV cache, shared-prefix detection for prefix caching, and the gate's input
 (the hidden state after decoder layer 0, computed without running the rest)."""
 
 from __future__ import annotations
@@ -45,6 +45,48 @@ def output_cache(out):
     """The KV cache of a model output, under either name."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def mergeable(cache) -> bool:
+    """Can rows join or leave this KV cache by plain tensor edits? Yes for the full-attention
+    cache most models use; no for sliding-window, quantized or state-space caches."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def merge_caches(cache, mask: torch.Tensor, other, other_mask: torch.Tensor):
+    """`other`'s rows appended to `cache`'s (both full-attention caches, see `mergeable`): the
+    shorter side is left-padded with masked-out zeros, as a left-padded batch would be. Returns
+    (cache, mask) for the merged rows."""
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+        missing = width - t.shape[-dim_from_end]
+        if not missing:
+            return t
+        pad_spec = [0, 0] * (dim_from_end - 1) + [missing, 0]
+        return torch.nn.functional.pad(t, pad_spec)
+
+    for mine, theirs in zip(cache.layers, other.layers):
+        mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
+        mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+    return cache, torch.cat([left(mask, 1), left(other_mask, 1)])
+
+
+def trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns no row attends to (left by rows that left the batch) from the mask
+    and the cache; returns the mask."""
+    if not mergeable(cache):
+        return mask
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+    return mask[:, start:]
 
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:

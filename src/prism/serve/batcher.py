@@ -2,14 +2,16 @@
 
 Requests wait in a bounded queue; when it is full, `submit` refuses at once (the server answers
 503) instead of letting the backlog and every client's latency grow without limit. One worker
-thread owns the model: it takes up to `max_batch` queued requests (waiting `batch_wait` seconds
-for company when the queue is short), routes all of them with one layer-0 pass of the gate, then
-decodes the adapter-on group and the adapter-off group as one batch each (the adapter is a switch
-on the whole model, so the two routes cannot share a forward pass). Scoring requests (echo with
-logprobs) have their prompt scored in the same worker, per route group, before the group decodes;
-with max_tokens 0 nothing is generated. Results travel back to the asyncio side of the server as
-events on each request's own queue.
+thread owns the model and batches continuously: between two decode steps it takes what is queued
+(up to `max_batch` requests in flight; when idle it waits `batch_wait` seconds for company), routes
+the newcomers with one layer-0 pass of the gate and prefills them into the running batch of their
+route; a request leaves the batch as soon as it finishes. Each route has a batch of its own (the
+adapter is a switch on the whole model, so two routes cannot share a forward pass), and the live
+routes take one step each in turn. Scoring requests (echo with logprobs) have their prompt scored
+when they are admitted; with max_tokens 0 nothing is generated. Results travel back to the asyncio
+side of the server as events on each request's own queue.
 """
+
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from prism.routed import PrismModel, Route
-from prism.serve.decode import Row, Sampling, decode_batch, logprob_lists
+from prism.serve.decode import DecodeBatch, Row, Sampling, logprob_lists
 
 log = logging.getLogger("prism.serve")
 
@@ -102,13 +104,19 @@ class Batcher:
         self.stats["requests"] += 1
 
     # ----- the worker thread ----------------------------------------------------------------
-    def _take_batch(self) -> list[Job]:
+    def _take(self, room: int, wait: bool) -> list[Job]:
+        """Up to `room` queued requests. Idle (`wait`), it blocks for the first one (waking now and
+        then to notice stop()) and gives others `batch_wait` seconds to come along; while it is
+        decoding it takes only what is already waiting, so the running rows never stall."""
+        batch: list[Job] = []
+        if room <= 0:
+            return batch
         try:
-            batch = [self.queue.get(timeout=0.1)]  # wake up now and then to notice stop()
+            batch.append(self.queue.get(timeout=0.1) if wait else self.queue.get_nowait())
         except queue.Empty:
-            return []
-        deadline = time.monotonic() + self.batch_wait
-        while len(batch) < self.max_batch:
+            return batch
+        deadline = time.monotonic() + (self.batch_wait if wait else 0.0)
+        while len(batch) < room:
             try:
                 batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
@@ -118,39 +126,86 @@ class Batcher:
         return live
 
     def _run(self) -> None:
+        # Continuous batching: one DecodeBatch per route (an adapter is a switch on the whole model,
+        # so two routes cannot share a forward pass). Between decode steps, waiting requests join
+        # the batch of their route and finished ones leave; each live route takes one step in turn.
+        groups: dict[str | None, DecodeBatch] = {}
+        waiting: list[tuple[Job, str | None]] = []  # routed, for a batch that cannot take rows yet
+        in_flight: list[Job] = []
         while not self._stop.is_set():
-            batch = self._take_batch()
-            if not batch:
-                continue
-            try:
-                self._serve(batch)
-            except Exception:  # one bad batch must not take the server down
-                log.exception("generation failed for a batch of %d", len(batch))
-                self.stats["errors"] += 1
-                for job in batch:
-                    if not job.finished:
-                        job.send("error", "internal error during generation")
+            in_flight = [j for j in in_flight if not j.finished]
+            live = sum(map(len, groups.values())) + len(waiting)
+            new = self._take(self.max_batch - live, wait=live == 0)
+            if new:
+                in_flight += new
+                self._guarded(new, self._route, new, waiting)
+            for name in dict.fromkeys(a for _, a in waiting):
+                batch = groups.setdefault(name, DecodeBatch(self.prism.model))
+                if batch.can_join:
+                    jobs = [j for j, a in waiting if a == name]
+                    waiting[:] = [(j, a) for j, a in waiting if a != name]
+                    if not self._guarded(jobs + self._members(batch, in_flight), self._admit, name, jobs, batch):
+                        batch.rows.clear()  # a failed prefill may have left the batch half-merged
+            for name, batch in list(groups.items()):
+                if batch and not self._guarded(self._members(batch, in_flight), self._step, name, batch):
+                    batch.rows.clear()  # its requests failed
+                if not batch:
+                    del groups[name]
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(map(len, groups.values())))
+        for name, batch in groups.items():  # shutting down: each row's cancelled() is now true, so
+            self._guarded(self._members(batch, in_flight), batch.step)  # one step ends them all
 
-    def _serve(self, batch: list[Job]) -> None:
+    def _guarded(self, jobs: list[Job], fn, *args) -> bool:
+        """fn(*args); when it raises, the requests it was working for fail, not the server and not
+        the requests of other routes. Returns whether it succeeded."""
+        try:
+            fn(*args)
+            return True
+        except Exception:
+            log.exception("generation failed for %d request(s)", len(jobs))
+            self.stats["errors"] += 1
+            for job in jobs:
+                if not job.finished:
+                    job.send("error", "internal error during generation")
+            return False
+
+    def _route(self, jobs: list[Job], waiting: list) -> None:
+        """The route of each new request (one cheap layer-0 pass for all the gated ones)."""
         self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        gated = [j for j in batch if j.forced is None]
-        routes: dict[int, Route] = {id(j): j.forced for j in batch if j.forced is not None}
-        if gated:  # one cheap layer-0 pass routes the whole batch
+        gated = [j for j in jobs if j.forced is None]
+        routes: dict[int, Route] = {id(j): j.forced for j in jobs if j.forced is not None}
+        if gated:
             found = self.prism.route_prompts([j.routing_prompt for j in gated], [j.context for j in gated])
             routes.update({id(j): r for j, r in zip(gated, found)})
-        for job in batch:
+        for job in jobs:
             job.send("route", routes[id(job)])
-        self.prism._log([routes[id(j)] for j in batch])
-        for _, idx in self.prism.grouped([routes[id(j)].adapter for j in batch]):
-            jobs = [batch[i] for i in idx]
-            self._score_prompts([j for j in jobs if j.echo and j.sampling.logprobs is not None])
-            for job in jobs:
-                if job.sampling.max_tokens == 0:  # scored only
-                    self._row(job).finish("length", 0)
-            rows = [self._row(j) for j in jobs if j.sampling.max_tokens > 0]
-            if rows:
-                self.stats["forward_passes"] += decode_batch(self.prism.model, rows)
+        self.prism._log([routes[id(j)] for j in jobs])
+        waiting += [(j, routes[id(j)].adapter) for j in jobs]
+
+    def _admit(self, name: str | None, jobs: list[Job], batch: DecodeBatch) -> None:
+        """Score what asks for prompt scores, then prefill the new rows into their route's batch."""
+        self.prism.set_adapter(name)
+        for job in jobs:
+            if job.cancelled:  # the client left while its request waited for the batch
+                self.stats["cancelled_queued"] += 1
+                job.finished = True
+        jobs = [j for j in jobs if not j.cancelled]
+        self._score_prompts([j for j in jobs if j.echo and j.sampling.logprobs is not None])
+        for job in jobs:
+            if job.sampling.max_tokens == 0:  # scored only
+                self._row(job).finish("length", 0)
+        rows = [self._row(j) for j in jobs if j.sampling.max_tokens > 0]
+        if rows:
+            self.stats["forward_passes"] += batch.join(rows)
+
+    @staticmethod
+    def _members(batch: DecodeBatch, jobs: list[Job]) -> list[Job]:
+        rows = {id(r) for r in batch.rows}
+        return [j for j in jobs if id(j.row) in rows]
+
+    def _step(self, name: str | None, batch: DecodeBatch) -> None:
+        self.prism.set_adapter(name)
+        self.stats["forward_passes"] += batch.step()
 
     def _score_prompts(self, jobs: list[Job]) -> None:
         """Each prompt token's log-probability after the tokens before it, and its alternatives."""

@@ -1,4 +1,4 @@
-"""Token-by-token batched decoding for the server.
+"""Token-by-token batched decoding for the server, with rows joining and leaving between steps.
 
 `ChatModel.generate` wraps Hugging Face `generate`, which returns only when the whole batch is
 done and gives every row the same sampling settings. A server needs each request's own
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from prism.model.batching import cache_kwarg, output_cache, pad
+from prism.model.batching import cache_kwarg, merge_caches, mergeable, output_cache, pad, trim_left
 
 log = logging.getLogger("prism.serve")
 
@@ -109,48 +109,86 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.inference_mode()
-def decode_batch(chat_model, rows: list[Row]) -> int:
-    """Generate for every row until each stops; returns the number of forward passes."""
-    lm, tok = chat_model.model, chat_model.tokenizer
-    dev = chat_model.device
-    stop_ids = set(chat_model.stop_ids)  # eos and the template's end-of-turn token, as in generate()
-    rows = [r for r in rows if _guarded(r, _prepare, tok)]
-    if not rows:
-        return 0
-    ids, mask, positions = pad([r.prompt_ids for r in rows], tok.pad_token_id)
-    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = output_cache(out), out.logits[:, -1, :]
-    cache_name = cache_kwarg(lm)
-    next_pos = positions[:, -1:] + 1
-    active = list(range(len(rows)))  # batch position -> row index
-    passes = 1
-    while True:
+class DecodeBatch:
+    """Rows decoding together over one KV cache, one forward pass per step for all of them. Rows
+    join between steps (their prompts run as one padded prefill, then their cache is merged into the
+    batch's, left-padded to a common length) and leave as soon as they finish: continuous batching.
+    The model must be in the state (adapter) these rows need whenever `join` or `step` runs."""
+
+    def __init__(self, chat_model):
+        self.chat_model = chat_model
+        self.rows: list[Row] = []
+        self.cache = self.mask = self.next_pos = self.logits = None
+        self.stop_ids = set(chat_model.stop_ids)  # eos and the template's end-of-turn token, as in generate()
+        self._cache_name = cache_kwarg(chat_model.model)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Rows can join now: the batch is empty, or its cache takes new rows (batching.mergeable)."""
+        return not self.rows or mergeable(self.cache)
+
+    @torch.inference_mode()
+    def join(self, rows: list[Row]) -> int:
+        """Prefill `rows` and add them to the batch; returns the forward passes run (0 or 1)."""
+        cm = self.chat_model
+        rows = [r for r in rows if _guarded(r, _prepare, cm.tokenizer)]
+        if not rows:
+            return 0
+        ids, mask, positions = pad([r.prompt_ids for r in rows], cm.tokenizer.pad_token_id)
+        ids, mask, positions = ids.to(cm.device), mask.to(cm.device), positions.to(cm.device)
+        out = cm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, logits, next_pos = output_cache(out), out.logits[:, -1, :], positions[:, -1:] + 1
+        if not self.rows:
+            self.cache, self.mask, self.next_pos, self.logits = cache, mask, next_pos, logits
+        else:
+            self.cache, self.mask = merge_caches(self.cache, self.mask, cache, mask)
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+            self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+        return 1
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Sample each row's next token from the last logits, let finished and cancelled rows leave,
+        and run one forward pass for the rest; returns the passes run (0 when no row is left)."""
         tokens, keep = [], []
-        for b, i in enumerate(active):
-            r = rows[i]
+        for b, r in enumerate(self.rows):
             if r.cancelled():  # the client left: the row leaves the batch at this step
                 r.finish("cancelled", r.n_tokens)
                 continue
-            t = _guarded(r, _step, logits[b], stop_ids)
+            t = _guarded(r, _step, self.logits[b], self.stop_ids)
             if t is not None:
                 tokens.append(t)
                 keep.append(b)
         if not keep:
-            return passes
-        if len(keep) < len(active):  # drop finished rows: the batch only carries live requests
+            self.rows, self.cache = [], None
+            return 0
+        dev = self.chat_model.device
+        if len(keep) < len(self.rows):  # the batch only carries live requests
             sel = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(sel)
-            mask, next_pos = mask[sel], next_pos[sel]
-            active = [active[b] for b in keep]
-        mask = torch.cat([mask, mask.new_ones((len(keep), 1))], dim=1)
+            self.cache.batch_select_indices(sel)
+            self.mask, self.next_pos = self.mask[sel], self.next_pos[sel]
+            self.rows = [self.rows[b] for b in keep]
+            self.mask = trim_left(self.cache, self.mask)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(keep), 1))], dim=1)
         step_ids = torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(1)
-        out = lm(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, **{cache_name: cache},
-                 use_cache=True)
-        cache, logits = output_cache(out), out.logits[:, -1, :]
-        next_pos = next_pos + 1
-        passes += 1
+        out = self.chat_model.model(input_ids=step_ids, attention_mask=self.mask, position_ids=self.next_pos,
+                                    use_cache=True, **{self._cache_name: self.cache})
+        self.cache, self.logits = output_cache(out), out.logits[:, -1, :]
+        self.next_pos = self.next_pos + 1
+        return 1
+
+
+def decode_batch(chat_model, rows: list[Row]) -> int:
+    """Generate for every row until each stops (no row joins later); returns the forward passes."""
+    batch = DecodeBatch(chat_model)
+    passes = batch.join(rows)
+    while batch:
+        passes += batch.step()
+    return passes
 
 
 def _guarded(r: Row, fn, *args):

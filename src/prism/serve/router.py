@@ -226,6 +226,8 @@ def create_engine_app(prism, options: RouterOptions) -> FastAPI:
     options.upstream = prism.engine.url
     options.upstream_base = prism.engine.name
     options.upstream_api_key = prism.engine.api_key
+    # what one conversation may hold is what each of the engine's slots holds
+    options.context_length = min(options.context_length or prism.engine.context, prism.engine.context)
     return create_router_app(prism, options)
 
 

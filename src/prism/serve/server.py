@@ -80,8 +80,9 @@ def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[s
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           upstream: str | None = None, upstream_base: str | None = None, upstream_adapter: str = "prism-adapter",
           upstream_api_key: str | None = None, allowed_host: list[str] | None = None, engine: str = "auto",
-          gguf: str | None = None, vllm_args: list[str] | None = None, **options) -> None:
-    """Load a finished run and serve it until interrupted (the `prism serve` command)."""
+          gguf: str | None = None, vllm_args: list[str] | None = None, dtype: str = "auto", **options) -> None:
+    """Load a finished run and serve it until interrupted (the `prism serve` command). `dtype`: the
+    torch engine's weights (auto: bfloat16 where the hardware computes it natively, else the run's)."""
     api_key = api_key or os.environ.get("PRISM_API_KEY") or None
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {port}")
@@ -116,12 +117,13 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         if chosen == "vllm":  # a vLLM server with the run's adapters loaded by name
             app = create_vllm_app(run_dir, routing, vllm_args or [])
         elif chosen == "llamacpp":
-            prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=local.max_batch)
+            prism = PrismModel.load_on_engine(run_dir, gguf=gguf, slots=local.max_batch,
+                                              context=routing.context_length)
             app = create_engine_app(prism, routing)
             log.info("gate in torch (layer 0), generation on llama.cpp (%s, %d slots)", prism.engine.gguf.name,
                      local.max_batch)
         else:
-            app = create_app(PrismModel.load(run_dir), local)
+            app = create_app(PrismModel.load(run_dir, **serving_dtype(run_dir, dtype)), local)
     mode = "router" if upstream else getattr(app.state, "mode", "local")
     print(f"prism: serving {run_dir} on http://{host}:{port} (mode: {mode})", flush=True)
     try:
@@ -137,6 +139,20 @@ def _engine_for(run_dir: str, engine: str, gguf: str | None) -> str:
 
     config = RunDir(run_dir).require("gate", "distill").config()
     return pick_engine(engine, config.model, gguf, config.device)
+
+
+def serving_dtype(run_dir: str, dtype: str) -> dict:
+    """The dtype override for serving a run on torch: bfloat16 by default where the CPU (AVX512-BF16,
+    AMX) or GPU computes it natively (16 clients on the embedded model: benchmarks/engines.py; the
+    gate's routes on 200 prompts were the same as in float32), else the run's own setting."""
+    from prism.model.chat import fast_bf16
+    from prism.model.loading import resolve_device
+    from prism.run import RunDir
+
+    if dtype != "auto":
+        return {"dtype": dtype}
+    device = resolve_device(RunDir(run_dir).config().device)
+    return {"dtype": "bfloat16"} if fast_bf16(device) else {}
 
 
 def _fields_of(cls, options: dict) -> dict:
