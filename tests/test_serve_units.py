@@ -160,3 +160,39 @@ def test_rows_joining_a_running_batch_decode_as_they_would_alone(embedded):
         batch.step()
     for i in range(4):
         assert out[i] == alone[i], questions[i]
+
+
+def test_kv_caches_merge_left_padded_and_shed_unused_columns():
+    """Rows joining a running batch: the shorter side is left-padded with masked-out zeros and the
+    rows keep their own keys; columns nobody attends to any more are cut. Sliding-window caches
+    (which keep only the window) are not merged."""
+    from transformers import MistralConfig
+    from transformers.cache_utils import DynamicCache
+
+    from prism.model.batching import merge_caches, mergeable, trim_left
+
+    def cache(batch, width, fill):
+        c = DynamicCache()
+        for layer in range(2):
+            kv = torch.full((batch, 2, width, 4), float(fill + layer))
+            c.update(kv, kv.clone(), layer)
+        return c
+
+    running, newcomers = cache(2, 5, 1), cache(1, 3, 10)
+    assert mergeable(running) and not mergeable(DynamicCache())
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    merged, merged_mask = merge_caches(running, mask, newcomers, torch.ones(1, 3, dtype=torch.long))
+    assert merged_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    keys = merged.layers[1].keys
+    assert keys.shape == (3, 2, 5, 4)
+    assert (keys[2, :, :2] == 0).all() and (keys[2, :, 2:] == 11).all() and (keys[:2] == 2).all()
+    merged.batch_select_indices(torch.tensor([0, 2]))  # the full-width row leaves
+    trimmed = trim_left(merged, merged_mask[[0, 2]])
+    assert trimmed.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert merged.layers[0].keys.shape[2] == 4 and merged.get_seq_length() == 4
+
+    windowed = DynamicCache(config=MistralConfig(num_hidden_layers=2, sliding_window=8, hidden_size=64,
+                                                 num_attention_heads=4, num_key_value_heads=2))
+    for layer in range(2):
+        windowed.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), layer)
+    assert not mergeable(windowed)

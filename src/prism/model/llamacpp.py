@@ -137,6 +137,8 @@ class LlamaCppEngine:
             raise ModelLoadError(f"llama.cpp cannot load {self.gguf} ({type(e).__name__}: {e})") from None
         self.context = context
         self.tokens_generated = 0
+        # the KV caches are reserved now, whatever the traffic: say how much a setting costs
+        log.info("llama.cpp: %s, %d slots x %d tokens of KV cache each", self.gguf.name, slots, context)
 
     @property
     def url(self) -> str:
