@@ -47,6 +47,11 @@ SHORT = ["What is the capital of France?", "Write a haiku about rain.", "Name th
          "Describe the moon in one sentence.", "What is a prime number?", "How do birds fly?"]
 
 
+def route_of(reply) -> str | None:
+    """The route prism reports in a reply's `prism` field."""
+    return (getattr(reply, "model_extra", None) or {}).get("prism", {}).get("route")
+
+
 def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_id: str) -> dict:
     import openai
 
@@ -62,7 +67,7 @@ def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_
             r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
             seconds += time.perf_counter() - t0
             tokens += r.usage.completion_tokens
-            routes.append((getattr(r, "model_extra", None) or {}).get("prism", {}).get("route"))
+            routes.append(route_of(r))
         out["prism-adapter" if model == adapter_id else model] = {
             "model": model, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "routes": routes}
@@ -80,7 +85,7 @@ def serve_phases(url: str, max_tokens: int, clients: int, repeats: int, adapter_
                     r = await aclient.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens,
                                                               temperature=0.7, seed=i * 10 + k)
                     done += r.usage.completion_tokens
-                    routes.append((getattr(r, "model_extra", None) or {}).get("prism", {}).get("route"))
+                    routes.append(route_of(r))
                 except openai.OpenAIError:
                     errors += 1
             return done

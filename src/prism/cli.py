@@ -394,7 +394,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list]] = {
         ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask (default 2048)"}),
         ("--context-length", {"type": int, "help": "prompt + max_tokens limit (default: the model's; on llamacpp at "
                                                    "most 4096, as every slot holds that much KV cache from the start)"}),
-        ("--dtype", {"dest": "serve_dtype", "default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"],
+        ("--dtype", {"dest": "serve_dtype", "default": "auto", "choices": DTYPES,
                      "help": "the torch engine's weights (default auto: bfloat16 where the CPU or GPU has bf16 "
                              "units, else the run's)"}),
         "--engine", "--gguf", "--vllm-args",

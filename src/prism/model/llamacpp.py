@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # slots x context x the model's KV bytes per token (23 KB for the embedded model: 16 x 2048 tokens
 # = 0.75 GB).
 SEQ_CONTEXT = 2048
+# A served conversation's tokens when the model allows more (16 slots x 4096 tokens = 1.5 GB for
+# the embedded model); `prism serve --context-length` sets it.
+SERVE_CONTEXT = 4096
 
 
 def available() -> bool:

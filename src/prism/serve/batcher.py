@@ -12,7 +12,6 @@ when they are admitted; with max_tokens 0 nothing is generated. Results travel b
 side of the server as events on each request's own queue.
 """
 
-
 from __future__ import annotations
 
 import asyncio
